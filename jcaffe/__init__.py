@@ -1,0 +1,43 @@
+"""jcaffe: Caffe's nets and solvers as pure, jit-compiled JAX functions.
+
+Data flow: prototxt -> ``read_net`` / ``read_solver`` (upgraded to Caffe's current format) ->
+``Net`` (layers as pure functions over a ``{layer name: [blobs]}`` pytree) -> the fused train
+step (``jcaffe.train``) with Caffe's solvers as optax transformations -> Caffe-style logs and
+``.caffemodel`` / ``.solverstate`` snapshots.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names, imported on first use so that `import jcaffe` stays cheap.
+_LAZY = {
+    "read_net": "jcaffe.prototxt",
+    "read_solver": "jcaffe.prototxt",
+    "read_net_binary": "jcaffe.prototxt",
+    "upgrade_net": "jcaffe.upgrade",
+    "upgrade_solver": "jcaffe.upgrade",
+    "filter_net": "jcaffe.netstate",
+    "Net": "jcaffe.net",
+    "load_caffemodel": "jcaffe.caffemodel",
+    "save_caffemodel": "jcaffe.caffemodel",
+    "build_solver": "jcaffe.solver",
+    "learning_rate": "jcaffe.solver",
+    "Trainer": "jcaffe.train",
+    "JcaffeError": "jcaffe.errors",
+}
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'jcaffe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

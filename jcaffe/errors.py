@@ -1,0 +1,41 @@
+"""User-facing errors.
+
+Every error a user can cause by bad input (a prototxt, a caffemodel, a dataset, a flag) is a
+``JcaffeError`` whose message is one line naming the file / line / layer / record and the
+problem. The CLI prints it without a traceback (``--debug`` shows one).
+"""
+
+from __future__ import annotations
+
+
+class JcaffeError(Exception):
+    """Base class of errors caused by the user's input."""
+
+
+class ProtoError(JcaffeError):
+    """A prototxt / binary proto could not be read (names file:line:col)."""
+
+
+class NetError(JcaffeError):
+    """A net could not be built (names the layer)."""
+
+
+class LayerError(NetError):
+    """A layer's parameters or bottoms are invalid."""
+
+    def __init__(self, layer_name: str, layer_type: str, message: str):
+        self.layer_name = layer_name
+        self.layer_type = layer_type
+        super().__init__(f"layer '{layer_name}' (type {layer_type}): {message}")
+
+
+class ModelError(JcaffeError):
+    """A .caffemodel / .solverstate / .binaryproto does not fit (names file, layer, blob)."""
+
+
+class DataError(JcaffeError):
+    """A dataset could not be read or written (names the path and record)."""
+
+
+class SolverError(JcaffeError):
+    """A solver definition or training run failed (names the field or iteration)."""
