@@ -60,6 +60,10 @@ def fill(filler: caffe_pb2.FillerParameter, shape, key: jax.Array,
             p = filler.sparse / shape[0]
             x = x * jax.random.bernoulli(k2, p, shape).astype(dtype)
         return x
+    if kind in ("xavier", "msra") and math.prod(shape) == 0:
+        raise NetError(f"{where}: the {kind} filler needs a non-empty blob, got shape {list(shape)}")
+    if filler.sparse >= 0 and kind != "gaussian":
+        raise NetError(f"{where}: `sparse` is only supported by the gaussian filler, not {kind}")
     if kind == "xavier":
         scale = math.sqrt(3.0 / _fan(filler, shape))
         return jax.random.uniform(key, shape, dtype, -scale, scale)
@@ -84,7 +88,7 @@ def bilinear_kernel(shape) -> np.ndarray:
     """Caffe's BilinearFiller as numpy: every [kh, kw] slice is the same bilinear kernel."""
     kh, kw = shape[2], shape[3]
     f = math.ceil(kw / 2.0)
-    c = (2 * f - 1 - f % 2) / (2.0 * f)
+    c = (kw - 1) / (2.0 * f)
     y = np.arange(kh)[:, None]
     x = np.arange(kw)[None, :]
     k = (1 - np.abs(x / f - c)) * (1 - np.abs(y / f - c))
