@@ -71,25 +71,22 @@ class Net:
 
     def __init__(self, net_param: caffe_pb2.NetParameter | str | os.PathLike,
                  phase: str | int = "TRAIN", level: int = 0, stages: Sequence[str] = (),
-                 *, verbose: bool = True):
-        from jcaffe import netstate, prototxt
+                 *, state: caffe_pb2.NetState | None = None, verbose: bool = True):
+        """Builds the net for ``phase``/``level``/``stages`` (Caffe's ``Net(file, phase, level,
+        stages)``), or for an explicit, already merged ``state`` (as the solver builds it)."""
+        from jcaffe import netstate, prototxt, upgrade
 
         if isinstance(net_param, (str, os.PathLike)):
             self.source = os.fspath(net_param)
             net_param = prototxt.read_net(self.source)
         else:
             self.source = "<NetParameter>"
-            from jcaffe import upgrade
-
             net_param = upgrade.upgrade_net(net_param)
-        self.phase = _phase(phase)
-        state = netstate.make_state(self.phase, level, stages)
-        merged = caffe_pb2.NetState()
-        merged.CopyFrom(net_param.state)
-        merged.MergeFrom(state)
-        merged.phase = state.phase
-        self.state = merged
-        self.net_param = netstate.filter_net(net_param, merged)
+        if state is None:
+            state = netstate.net_state_for(net_param, _phase(phase), level, stages)
+        self.state = state
+        self.phase = state.phase
+        self.net_param = netstate.filter_net(net_param, state)
         self.name = self.net_param.name
         self._verbose = verbose
         self._build()
@@ -258,11 +255,10 @@ class Net:
         """
         blobs, new_params = self.apply(params, inputs, train=train, key=key, mutable=True,
                                        frozen=frozen)
-        total = jnp.zeros((), jnp.float32)
-        for layer, weights in zip(self.layers, self.loss_weights):
-            for t, w in zip(layer.top_names, weights):
-                if w:
-                    total = total + (w * jnp.sum(blobs[t])).astype(jnp.float32)
+        terms = [w * jnp.sum(blobs[t])
+                 for layer, weights in zip(self.layers, self.loss_weights)
+                 for t, w in zip(layer.top_names, weights) if w]
+        total = sum(terms[1:], terms[0]) if terms else jnp.zeros((), jnp.float32)
         return total, (blobs, new_params)
 
     def outputs(self, blobs: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,49 +75,24 @@ def select_device(solver_mode: int | None = None, device_id: int = 0, *, explici
 # ---------------------------------------------------------------------------------------------
 # Nets of a solver
 # ---------------------------------------------------------------------------------------------
-def solver_nets(sp: caffe_pb2.SolverParameter, solver_path: str | None = None):
-    """Caffe's Solver::InitTrainNet / InitTestNets: the train NetParameter and the test ones,
-    each with its NetState (phase, level, stages)."""
-    from jcaffe import prototxt
+def solver_nets(sp: caffe_pb2.SolverParameter):
+    """Caffe's Solver::InitTrainNet / InitTestNets: ``(train, [test, ...])``, each a
+    ``(NetParameter, NetState)`` pair. Net paths were resolved by ``read_solver``."""
+    from jcaffe import netstate, prototxt
 
-    where = solver_path or "<solver>"
+    def load(source):
+        return source if isinstance(source, caffe_pb2.NetParameter) else prototxt.read_net(source)
 
-    def load(path):
-        return prototxt.read_net(prototxt.resolve_path(path, solver_path))
-
-    sources = [sp.HasField("train_net_param"), sp.HasField("train_net"), sp.HasField("net_param"),
-               sp.HasField("net")]
-    if sum(sources) == 0:
-        raise SolverError(f"{where}: no net given (set `net`, `net_param`, `train_net` or "
-                          f"`train_net_param`)")
-    if sum(sources) > 1:
-        raise SolverError(f"{where}: give exactly one of train_net_param, train_net, net_param, net")
-    if sp.HasField("train_net_param"):
-        train = sp.train_net_param
-    elif sp.HasField("train_net"):
-        train = load(sp.train_net)
-    elif sp.HasField("net_param"):
-        train = sp.net_param
-    else:
-        train = load(sp.net)
-    tests = list(sp.test_net_param) + [load(p) for p in sp.test_net]
-    n_generic = len(sp.test_iter) - len(tests)
-    if n_generic < 0:
-        raise SolverError(f"{where}: {len(tests)} test nets but only {len(sp.test_iter)} "
-                          f"test_iter values (one per test net)")
-    if n_generic and (sp.HasField("net") or sp.HasField("net_param")):
-        generic = sp.net_param if sp.HasField("net_param") else load(sp.net)
-        tests += [generic] * n_generic
-    elif n_generic:
-        raise SolverError(f"{where}: test_iter given for {len(sp.test_iter)} test nets but only "
-                          f"{len(tests)} test net(s) defined")
-    if len(sp.test_state) not in (0, len(tests)):
-        raise SolverError(f"{where}: test_state must be given once per test net")
-    return train, tests
-
-
-def _state_args(state: caffe_pb2.NetState):
-    return dict(level=state.level, stages=list(state.stage))
+    given = [f for f in ("train_net_param", "train_net", "net_param", "net") if sp.HasField(f)]
+    if not given:
+        raise SolverError("the solver names no net: set `net`, `net_param`, `train_net` or "
+                          "`train_net_param`")
+    if len(given) > 1:
+        raise SolverError(f"the solver gives {', '.join(given)}: give exactly one train net")
+    train = load(getattr(sp, given[0]))
+    tests = [load(src) for _, src in netstate.test_net_sources(sp)]
+    return ((train, netstate.train_net_state(sp, train)),
+            [(t, netstate.test_net_state(sp, t, i)) for i, t in enumerate(tests)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +129,10 @@ class Trainer:
             _log.info("Using device %s", self.device)
             _log.info("Initializing solver from parameters:\n%s", _short_text(sp))
 
-        train_param, test_params = solver_nets(sp, solver_path)
+        (train_param, train_state), tests = solver_nets(sp)
         with jax.default_device(self.device):
-            self.net = Net(train_param, "TRAIN", verbose=verbose, **_state_args(sp.train_state))
-            self.test_nets = [
-                Net(p, "TEST", verbose=verbose,
-                    **(_state_args(sp.test_state[i]) if len(sp.test_state) else {}))
-                for i, p in enumerate(test_params)]
+            self.net = Net(train_param, state=train_state, verbose=verbose)
+            self.test_nets = [Net(p, state=st, verbose=verbose) for p, st in tests]
             seed = sp.random_seed if sp.random_seed >= 0 else int(time.time_ns() % (2**31))
             self.key = jax.random.key(seed)
             params = self.net.init(jax.random.fold_in(self.key, 0x7FFFFFFF))
@@ -672,23 +644,13 @@ def add_train_flags(parser) -> None:
     parser.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
     parser.add_argument("--iters_per_call", type=int, default=100,
                         help="iterations fused into one device program (device-resident data)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+    """``python -m jcaffe.train SOLVER [flags]`` is ``jcaffe train --solver=SOLVER [flags]``."""
+    from jcaffe.cli import main as cli_main
 
-    from jcaffe.cli import run_guarded, normalize_flags
-
-    parser = argparse.ArgumentParser(prog="python -m jcaffe.train",
-                                     description="Train a Caffe solver with jcaffe.")
-    add_train_flags(parser)
-    argv = normalize_flags(list(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(argv)
-    args.solver = args.solver_flag or args.solver
-    if not args.solver:
-        parser.error("a solver prototxt is required")
-    return run_guarded(lambda: train_main(args), debug=args.debug)
+    return cli_main(["train"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,224 @@
+"""Caffe's tool commands on jcaffe: ``train``, ``test``, ``time``, ``device_query``.
+
+They mirror ``caffe <command>`` (tools/caffe.cpp): the same flags (``--solver``, ``--model``,
+``--weights``, ``--snapshot``, ``--iterations``, ``--gpu``, ``--cpu``, ``--phase``) and the same
+log lines, so scripts written for Caffe keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcaffe import log
+from jcaffe.cli import parse_flags, register_command
+from jcaffe.errors import JcaffeError
+
+_log = log.get_logger("caffe")
+
+
+def _device_from_flags(args):
+    from jcaffe.train import select_device
+    from jcaffe.proto import caffe_pb2
+
+    gpu = None
+    if getattr(args, "gpu", ""):
+        gpu = "all" if args.gpu == "all" else [int(g) for g in args.gpu.split(",")]
+    mode = caffe_pb2.SolverParameter.GPU if gpu is not None else caffe_pb2.SolverParameter.CPU
+    return select_device(mode, 0, explicit_gpu=gpu, force_cpu=getattr(args, "cpu", False))
+
+
+@register_command("train", "train or fine-tune a model (--solver, --weights, --snapshot)")
+def train_command(argv) -> int:
+    from jcaffe.train import add_train_flags, train_main
+
+    parser = argparse.ArgumentParser(prog="jcaffe train")
+    add_train_flags(parser)
+    args = parse_flags(argv, parser)
+    args.solver = args.solver_flag or args.solver
+    if not args.solver:
+        raise JcaffeError("train needs --solver=SOLVER.prototxt")
+    return train_main(args)
+
+
+def _net_and_feed(args, phase):
+    from jcaffe.caffemodel import load_caffemodel
+    from jcaffe.data import feed as feed_mod
+    from jcaffe.net import Net
+    from jcaffe.train import _NetFeed
+
+    device = _device_from_flags(args)
+    with jax.default_device(device):
+        net = Net(args.model, phase, level=args.level, stages=[s for s in args.stage.split(",") if s])
+        params = net.init(jax.random.key(0))
+        if args.weights:
+            for w in args.weights.split(","):
+                params = net.copy_from(params, load_caffemodel(w), filename=w)
+        feed = _NetFeed(net, device, False, feed_mod, 1) if net.data_layers else None
+    return net, params, feed, device
+
+
+def _synthetic_inputs(net, rng):
+    inputs = {}
+    for top, (shape, dtype) in net.input_specs().items():
+        if np.issubdtype(np.dtype(dtype), np.integer):
+            inputs[top] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            inputs[top] = rng.standard_normal(shape).astype(np.float32)
+    return inputs
+
+
+@register_command("test", "score a model: --model M --weights W --iterations N")
+def test_command(argv) -> int:
+    parser = argparse.ArgumentParser(prog="jcaffe test")
+    _model_flags(parser)
+    args = parse_flags(argv, parser)
+    if not args.model:
+        raise JcaffeError("test needs --model=NET.prototxt")
+    log.setup()
+    net, params, feed, device = _net_and_feed(args, args.phase or "TEST")
+    if not args.weights:
+        _log.warning("no --weights given: testing freshly initialised parameters")
+    fn = jax.jit(lambda p, b: net.loss(p, b, train=False, frozen=False))
+    totals: dict[str, np.ndarray] = {}
+    loss_sum = 0.0
+    for i in range(args.iterations):
+        batch = feed.host_batch(i) if feed else _synthetic_inputs(net, np.random.default_rng(i))
+        loss, (blobs, _) = fn(params, batch)
+        loss_sum += float(loss)
+        k = 0
+        for name in net.output_names:
+            vals = np.ravel(np.asarray(blobs[name], np.float64))
+            totals[name] = totals.get(name, 0) + vals
+            for v in vals:
+                _log.info("Batch %d, %s = %.6g", i, name, v)
+                k += 1
+    _log.info("Loss: %.6g", loss_sum / args.iterations)
+    for name in net.output_names:
+        w = net.output_loss_weight(name)
+        for v in totals[name] / args.iterations:
+            if w:
+                _log.info("%s = %.6g (* %g = %.6g loss)", name, v, w, v * w)
+            else:
+                _log.info("%s = %.6g", name, v)
+    if feed:
+        feed.close()
+    return 0
+
+
+def _model_flags(parser):
+    parser.add_argument("--model", default="", help="the net prototxt")
+    parser.add_argument("--weights", default="", help="caffemodel(s), comma-separated")
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--gpu", default="")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--phase", default="", choices=["", "TRAIN", "TEST"])
+    parser.add_argument("--level", type=int, default=0)
+    parser.add_argument("--stage", default="")
+
+
+def _timeit(fn, *args, iterations: int):
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    times = []
+    for _ in range(iterations):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.mean(times)
+
+
+@register_command("time", "benchmark the execution time of a model (per layer and fused)")
+def time_command(argv) -> int:
+    from jcaffe.layers.base import Context
+
+    parser = argparse.ArgumentParser(prog="jcaffe time")
+    _model_flags(parser)
+    args = parse_flags(argv, parser)
+    if not args.model:
+        raise JcaffeError("time needs --model=NET.prototxt")
+    log.setup()
+    phase = args.phase or "TRAIN"
+    net, params, feed, device = _net_and_feed(args, phase)
+    train = phase == "TRAIN"
+    key = jax.random.key(0)
+    with jax.default_device(device):
+        batch = feed.host_batch(0) if feed else _synthetic_inputs(net, np.random.default_rng(0))
+        if feed:
+            feed.close()
+        batch = jax.device_put(batch, device)
+        n = args.iterations
+        _log.info("Performing Forward")
+        fwd = jax.jit(lambda p, b: net.loss(p, b, train=train, key=key)[0])
+        _log.info("Initial loss: %.6g", float(fwd(params, batch)))
+        grad = jax.jit(jax.grad(lambda p, b: net.loss(p, b, train=train, key=key)[0]))
+        _log.info("*** Benchmark begins ***")
+        _log.info("Testing for %d iterations.", n)
+        t_fwd = _timeit(fwd, params, batch, iterations=n)
+        t_fb = _timeit(grad, params, batch, iterations=n)
+        blobs = net.apply(params, batch, train=train, key=key)
+        for i, layer in enumerate(net.layers):
+            lblobs = net._layer_blobs(params, layer)
+            if layer.is_data:
+                bottoms = [batch[t] for t, _, _ in layer.input_specs()]
+            else:
+                bottoms = [blobs[b] for b in layer.bottom_names]
+            ctx = Context(train=train, key=jax.random.fold_in(key, i) if layer.needs_key else None)
+
+            def f(bl, bo, layer=layer, ctx=ctx):
+                out = layer.apply(bl, bo, ctx)
+                return out[0] if layer.stateful else out
+
+            lf = jax.jit(f)
+            tf = _timeit(lf, lblobs, bottoms, iterations=n)
+            _log.info("%15s\tforward: %.4f ms.", layer.name, tf)
+            floats = [jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating) for b in bottoms]
+            if (lblobs or any(floats)) and not layer.is_data:
+                def fb(bl, bo, f=f):
+                    outs = f(bl, bo)
+                    return sum(jnp.sum(o) for o in outs if jnp.issubdtype(o.dtype, jnp.floating))
+
+                argnums = (0, 1) if any(floats) else (0,)
+                bf = jax.jit(jax.grad(fb, argnums=argnums, allow_int=True))
+                tb = _timeit(bf, lblobs, bottoms, iterations=n) - tf
+                _log.info("%15s\tbackward: %.4f ms.", layer.name, max(tb, 0.0))
+        _log.info("Average Forward pass: %.4f ms.", t_fwd)
+        _log.info("Average Backward pass: %.4f ms.", t_fb - t_fwd)
+        _log.info("Average Forward-Backward: %.4f ms.", t_fb)
+        if train:
+            import optax
+            tx = optax.sgd(0.01, momentum=0.9)
+            opt = tx.init(params)
+
+            def step(p, o, b):
+                g = jax.grad(lambda p: net.loss(p, b, train=True, key=key)[0])(p)
+                u, o = tx.update(g, o, p)
+                return optax.apply_updates(p, u), o
+
+            step = jax.jit(step)
+            t_step = _timeit(lambda p, o, b: step(p, o, b), params, opt, batch, iterations=n)
+            _log.info("Average fused train step (forward + backward + SGD update, one XLA "
+                      "program): %.4f ms.", t_step)
+        _log.info("*** Benchmark ends ***")
+    return 0
+
+
+@register_command("device_query", "show the devices JAX can run on")
+def device_query_command(argv) -> int:
+    log.setup()
+    _log.info("JAX %s, default backend: %s", jax.__version__, jax.default_backend())
+    for d in jax.devices() + ([] if jax.default_backend() == "cpu" else jax.devices("cpu")):
+        _log.info("Device id: %d", d.id)
+        _log.info("Platform: %s", d.platform)
+        _log.info("Kind: %s", d.device_kind)
+        try:
+            stats = d.memory_stats() or {}
+        except Exception:  # not every backend reports memory
+            stats = {}
+        if "bytes_limit" in stats:
+            _log.info("Total memory: %d", stats["bytes_limit"])
+    return 0
