@@ -292,11 +292,16 @@ class Net:
             if layer is None:
                 self._info("Ignoring source layer %s", name)
                 continue
-            if len(blobs) != len(layer.blob_shapes):
+            owned = [src == (name, j) for j, src in enumerate(self._blob_source[name])]
+            # HDF5 models store a shared blob only with its owner: those may be absent here.
+            short_ok = len(blobs) < len(owned) and not any(owned[len(blobs):])
+            if len(blobs) != len(layer.blob_shapes) and not short_ok:
                 raise ModelError(f"{filename}: layer '{name}' has {len(blobs)} blob(s) but the "
                                  f"net expects {len(layer.blob_shapes)}")
             self._info("Copying source layer %s", name)
             for j, (blob, shape) in enumerate(zip(blobs, layer.blob_shapes)):
+                if blob is None:
+                    continue
                 arr = np.asarray(blob)
                 if tuple(arr.shape) != tuple(shape):
                     if _legacy_equal(arr.shape, shape):

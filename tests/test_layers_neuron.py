@@ -178,7 +178,7 @@ def prelu_ref(x, a, shared):
 def test_prelu_blob_and_default_filler(shared):
     layer = make_layer(f'type: "PReLU" prelu_param {{ channel_shared: {str(shared).lower()} }}',
                        [PRELU_SHAPE])
-    assert layer.blob_shapes == [(1,) if shared else (3,)]
+    assert layer.blob_shapes == [() if shared else (3,)]  # Caffe: a 0-axis blob when shared
     (a,) = layer.init(jax.random.key(0))
     assert a.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(a), np.full(layer.blob_shapes[0], 0.25, np.float32))
@@ -195,7 +195,7 @@ def test_prelu_forward_and_gradient(shared):
     layer = make_layer(f'type: "PReLU" prelu_param {{ channel_shared: {str(shared).lower()} }}',
                        [PRELU_SHAPE])
     x = sample("any", PRELU_SHAPE, seed=5)
-    a = np.array([0.3]) if shared else np.array([0.1, -0.2, 0.5])
+    a = np.array(0.3) if shared else np.array([0.1, -0.2, 0.5])
     (y,) = run(layer, [a], [x])
     np.testing.assert_allclose(y, prelu_ref(x, a, shared), rtol=1e-12)
     (y32,) = run(layer, [a.astype(np.float32)], [x.astype(np.float32)])
@@ -206,7 +206,7 @@ def test_prelu_forward_and_gradient(shared):
     ga = jax.grad(lambda s: jnp.sum(layer.apply([s], [jnp.asarray(x)], Context(True))[0] * w))(
         jnp.asarray(a))
     contrib = w * x * (x <= 0)
-    expect = [contrib.sum()] if shared else contrib.sum(axis=(0, 2, 3))
+    expect = contrib.sum() if shared else contrib.sum(axis=(0, 2, 3))
     np.testing.assert_allclose(np.asarray(ga), expect, rtol=1e-12)
 
 

@@ -62,7 +62,7 @@ class ReLULayer(NeuronLayer):
 @register("PReLU")
 class PReLULayer(NeuronLayer):
     """``y = x if x > 0 else a_c * x`` with a learned slope per channel (axis 1), or one shared
-    slope when ``channel_shared``. Blob 0 holds the slopes: ``[C]``, or ``[1]`` when shared;
+    slope when ``channel_shared``. Blob 0 holds the slopes: ``[C]``, or a 0-axis ``[]`` when shared;
     Caffe's default filler is constant 0.25. The slope gradient is ``x`` where ``x <= 0``.
     """
 
@@ -75,7 +75,8 @@ class PReLULayer(NeuronLayer):
             self.filler = p.filler
         else:
             self.filler = caffe_pb2.FillerParameter(type="constant", value=0.25)
-        self.blob_shapes = [(1,) if self.channel_shared else (shape[1],)]
+        # Caffe gives the shared slope a 0-axis blob (one value, shape []).
+        self.blob_shapes = [() if self.channel_shared else (shape[1],)]
 
     def init(self, key):
         return [fill(self.filler, self.blob_shapes[0], key, jnp.float32,
