@@ -1,0 +1,342 @@
+"""How raw batches reach the jitted train step.
+
+Two ways, both yielding exactly the same batches (the reader's stream, see
+``jcaffe.layers.data``):
+
+* ``PrefetchFeeder``: a host thread reads ``prefetch`` batches ahead (``data_param.prefetch``,
+  Caffe's default 4) and ``jax.device_put``s them, so the step finds its batch already on the
+  device. Works for every data layer (shuffled ones included) and any dataset size.
+* ``DeviceResident``: the whole raw dataset is put on the device once; ``batch_at(arrays,
+  cursor)`` is a pure function that gathers records ``(cursor + i) % count`` for ``i`` in
+  ``[0, batch)``, and ``next_cursor`` advances the cursor the way the reader does, so batches
+  can be cut inside a jitted (and ``lax.scan``-ned) train step with no host round trip.
+  Unshuffled sources only (a shuffled order is drawn on the host).
+
+``choose_feeder`` picks one: device-resident when the dataset is unshuffled and fits
+(``fits_on_device``), else prefetching; ``JCAFFE_DATA_ON_DEVICE=0/1`` or the ``on_device``
+argument overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcaffe import log
+from jcaffe.errors import DataError
+
+_log = log.get_logger("data")
+
+ENV_ON_DEVICE = "JCAFFE_DATA_ON_DEVICE"
+CPU_RESIDENT_LIMIT = 1 << 30  # bytes: below this a CPU "device" always holds the data
+GPU_RESIDENT_FRACTION = 0.25  # of the accelerator's memory
+
+
+def _as_reader(layer_or_reader, seed: int | None):
+    if hasattr(layer_or_reader, "next_batch"):
+        return layer_or_reader, False
+    if hasattr(layer_or_reader, "make_reader"):
+        return layer_or_reader.make_reader(seed), True
+    raise TypeError(f"expected a data layer or a BatchReader, got {type(layer_or_reader).__name__}")
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Stop:
+    pass
+
+
+class PrefetchFeeder:
+    """Iterates device-resident batches (``dict[top, jax.Array]``) read ahead by a host thread.
+
+    ``reader``: a ``BatchReader`` (or a data layer: its reader is made with ``seed``);
+    ``prefetch``: how many batches may wait on the device (default: the reader's
+    ``prefetch``, i.e. ``data_param.prefetch``); ``device``: a ``jax.Device`` or sharding for
+    ``jax.device_put`` (default device when None).
+
+    An exception in the thread is raised again, the same object with its message, by the
+    ``next()`` that would have returned the failed batch. ``position`` is the stream position
+    of the next batch ``next()`` returns (store it to resume; ``seek`` restarts there).
+    ``close()`` (or leaving the ``with`` block) stops the thread; a feeder that made its own
+    reader closes it too.
+    """
+
+    def __init__(self, reader, prefetch: int | None = None, device: Any = None, *,
+                 seed: int | None = None):
+        self.reader, self._owns_reader = _as_reader(reader, seed)
+        if prefetch is None:
+            prefetch = getattr(self.reader, "prefetch", 4)
+        self.prefetch = max(1, int(prefetch))
+        self.device = device
+        self._position = self.reader.position
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._start()
+
+    # -- the thread ---------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._queue, self._stop),
+                                        name="jcaffe-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, q: queue.Queue, stop: threading.Event, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, q: queue.Queue, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                batch = self.reader.next_batch()
+                after = self.reader.position
+                dev = {k: jax.device_put(v, self.device) for k, v in batch.items()}
+                if not self._put(q, stop, (dev, after)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(q, stop, _Failure(e))
+
+    def _halt(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+        self._thread = None
+
+    # -- consumer -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        if self._closed:
+            raise StopIteration
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._thread is None or not self._thread.is_alive():
+                    try:  # it may have queued its last item just before ending
+                        item = self._queue.get_nowait()
+                        break
+                    except queue.Empty:
+                        raise DataError("the prefetch thread stopped without a batch") from None
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.exc
+        batch, after = item
+        self._position = after
+        return batch
+
+    def next(self) -> dict[str, jax.Array]:
+        return self.__next__()
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def seek(self, position: int) -> None:
+        """Drops the batches read ahead and restarts the stream at ``position``."""
+        self._halt()
+        self.reader.seek(position)
+        self._position = self.reader.position
+        if not self._closed:
+            self._start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._halt()
+        if self._owns_reader:
+            self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class DeviceResident:
+    """The whole raw dataset on the device, cut into batches by a pure function.
+
+    ``source``: a data layer or a ``BatchReader`` (unshuffled). ``arrays`` is the dict of device
+    arrays (``load_all()``); ``cursor0`` the first batch's cursor (the reader's position, which
+    includes ``rand_skip``). Inside a jitted step::
+
+        batch = feed.batch_at(arrays, cursor)     # records (cursor + i) % count
+        cursor = feed.next_cursor(cursor)         # (cursor + batch) % count
+
+    ``batch_at`` and ``next_cursor`` depend on ``arrays`` / ``cursor`` only (``count`` and
+    ``batch_size`` are static). ``cursor_at(k)`` is the cursor of the k-th batch (host ints).
+    Iterating the object yields the same batches as a ``PrefetchFeeder`` over the same reader.
+    """
+
+    def __init__(self, source, device: Any = None, *, seed: int | None = None):
+        reader, owns = _as_reader(source, seed)
+        try:
+            if getattr(reader, "shuffled", False):
+                raise DataError(f"layer '{reader.layer.name}': a shuffled source cannot be "
+                                f"device-resident (its order is drawn on the host); use the "
+                                f"prefetch feeder")
+            host = reader.load_all()
+            self.tops = list(reader.tops)
+            self.count = int(reader.count)
+            self.batch_size = int(reader.batch_size)
+            self.cursor0 = int(reader.cursor)
+            self.nbytes = int(sum(a.nbytes for a in host.values()))
+        finally:
+            if owns:
+                reader.close()
+        self.device = device
+        self.arrays = {t: jax.device_put(host[t], device) for t in self.tops}
+        self._cursor = self.cursor0
+        self._jit_batch_at = jax.jit(self.batch_at)
+
+    def batch_at(self, arrays: dict[str, jax.Array], cursor) -> dict[str, jax.Array]:
+        """Records ``(cursor + i) % count``, ``i < batch_size``: pure and jittable."""
+        cursor = jnp.asarray(cursor, jnp.int32)
+        idx = jnp.remainder(cursor + jnp.arange(self.batch_size, dtype=jnp.int32),
+                            jnp.int32(self.count))
+        return {t: jnp.take(arrays[t], idx, axis=0) for t in self.tops}
+
+    def next_cursor(self, cursor):
+        """The cursor after one batch: ``(cursor + batch_size) % count`` (jittable)."""
+        cursor = jnp.asarray(cursor, jnp.int32)
+        return jnp.remainder(cursor + jnp.int32(self.batch_size), jnp.int32(self.count))
+
+    def cursor_at(self, k: int) -> int:
+        """Cursor of the k-th batch from the start (host side, for resuming)."""
+        return (self.cursor0 + int(k) * self.batch_size) % self.count
+
+    @staticmethod
+    def cursor_of(position: int, count: int) -> int:
+        """A reader's stream position as a device cursor."""
+        return int(position) % int(count)
+
+    # -- iteration (host-driven use and tests) -----------------------------------------------
+    @property
+    def cursor(self) -> int:
+        return self._cursor
+
+    def seek(self, position: int) -> None:
+        self._cursor = self.cursor_of(position, self.count)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        batch = self._jit_batch_at(self.arrays, np.int32(self._cursor))
+        self._cursor = (self._cursor + self.batch_size) % self.count
+        return batch
+
+    def close(self) -> None:
+        self.arrays = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _device_of(device: Any):
+    if device is None:
+        return jax.devices()[0]
+    if hasattr(device, "platform"):
+        return device
+    devs = getattr(device, "device_set", None)  # a sharding
+    if devs:
+        return next(iter(devs))
+    return jax.devices()[0]
+
+
+def fits_on_device(nbytes: int, device: Any = None) -> bool:
+    """Whether a raw dataset of ``nbytes`` should live on the device: on CPU when below 1 GiB;
+    on an accelerator when below 25% of its memory (False when the memory is unknown)."""
+    dev = _device_of(device)
+    if dev.platform == "cpu":
+        return nbytes < CPU_RESIDENT_LIMIT
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:
+        stats = {}
+    limit = stats.get("bytes_limit") or stats.get("bytes_reservable_limit")
+    if not limit:
+        return False
+    return nbytes < GPU_RESIDENT_FRACTION * float(limit)
+
+
+def _env_on_device() -> bool | None:
+    value = os.environ.get(ENV_ON_DEVICE)
+    if value is None or value.strip() == "":
+        return None
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise DataError(f"{ENV_ON_DEVICE}={value!r}: use 0 (prefetch from the host) or 1 (whole "
+                    f"dataset on the device)")
+
+
+def choose_feeder(source, *, on_device: bool | None = None, device: Any = None,
+                  prefetch: int | None = None, seed: int | None = None):
+    """A ``DeviceResident`` or a ``PrefetchFeeder`` for a data layer (or reader).
+
+    ``on_device``: True / False forces the choice; None reads ``JCAFFE_DATA_ON_DEVICE``
+    (``0``/``1``) and otherwise decides automatically: device-resident when the source is
+    unshuffled and ``fits_on_device``. Forcing a shuffled source onto the device is an error.
+    """
+    reader, owns = _as_reader(source, seed)
+    try:
+        choice = on_device if on_device is not None else _env_on_device()
+        shuffled = bool(getattr(reader, "shuffled", False))
+        if choice is None:
+            choice = (not shuffled) and fits_on_device(reader.nbytes, device)
+        name = getattr(getattr(reader, "layer", None), "name", "?")
+        if choice:
+            _log.info("layer '%s': whole dataset on the device (%.1f MB)", name,
+                      reader.nbytes / 1e6)
+            return DeviceResident(reader, device)
+        _log.info("layer '%s': prefetching %s batches from the host", name,
+                  prefetch if prefetch is not None else getattr(reader, "prefetch", 4))
+        feeder = PrefetchFeeder(reader, prefetch, device)
+        feeder._owns_reader = owns
+        owns = False
+        return feeder
+    finally:
+        if owns:
+            reader.close()
+
+
+__all__ = ["PrefetchFeeder", "DeviceResident", "fits_on_device", "choose_feeder",
+           "ENV_ON_DEVICE"]

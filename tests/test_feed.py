@@ -1,0 +1,203 @@
+"""Feeding batches to the step: the prefetch thread and the device-resident slicer give the same
+batches as the reader over several wrap-arounds (also inside jit + lax.scan), errors in the thread
+reach the consumer, shutdown is clean, and choose_feeder's overrides."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import lmdb
+import numpy as np
+import pytest
+
+from jcaffe.data.feed import (DeviceResident, PrefetchFeeder, choose_feeder, fits_on_device)
+from jcaffe.errors import DataError
+from jcaffe.proto import caffe_pb2
+from tests.layer_utils import make_layer
+
+RNG = np.random.default_rng(99)
+
+
+def write_lmdb(path, images, labels):
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            d = caffe_pb2.Datum(channels=img.shape[0], height=img.shape[1], width=img.shape[2],
+                                label=int(lab), data=img.tobytes())
+            txn.put(b"%08d" % i, d.SerializeToString())
+    env.close()
+    return str(path)
+
+
+@pytest.fixture
+def layer(tmp_path):
+    images = RNG.integers(0, 256, (7, 1, 3, 3), dtype=np.uint8)
+    src = write_lmdb(tmp_path / "db", images, np.arange(7) + 100)
+    return make_layer(f'type: "Data" name: "d" data_param {{ source: "{src}" batch_size: 3 '
+                      f'rand_skip: 6 prefetch: 2 }}', [], "TRAIN", tops=["data", "label"])
+
+
+def reference(layer, seed, n):
+    with layer.make_reader(seed=seed) as r:
+        return [r.next_batch() for _ in range(n)]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        assert x.dtype == y.dtype, k
+        np.testing.assert_array_equal(x, y, err_msg=k)
+
+
+def test_prefetch_and_device_resident_agree_over_wraps(layer):
+    n = 12  # 36 records from a 7-record source: five wrap-arounds
+    ref = reference(layer, 5, n)
+    with PrefetchFeeder(layer, seed=5) as feeder:
+        assert feeder.prefetch == 2  # data_param.prefetch
+        pre = [next(feeder) for _ in range(n)]
+    res = DeviceResident(layer, seed=5)
+    dev = [next(res) for _ in range(n)]
+    for a, b, c in zip(ref, pre, dev):
+        assert_same(a, b)
+        assert_same(a, c)
+    assert isinstance(pre[0]["data"], jax.Array)
+
+
+def test_device_resident_batch_at_inside_jit_and_scan(layer):
+    res = DeviceResident(layer, seed=2)
+    ref = reference(layer, 2, 9)
+
+    @jax.jit
+    def run(arrays, cursor):
+        def step(c, _):
+            b = res.batch_at(arrays, c)
+            return res.next_cursor(c), (b["data"], b["label"])
+        return jax.lax.scan(step, cursor, None, length=9)
+
+    last, (data, labels) = run(res.arrays, jnp.int32(res.cursor0))
+    for k in range(9):
+        np.testing.assert_array_equal(np.asarray(data[k]), ref[k]["data"])
+        np.testing.assert_array_equal(np.asarray(labels[k]), ref[k]["label"])
+    assert int(last) == res.cursor_at(9)
+
+
+def test_prefetch_position_and_seek_resume(layer):
+    with PrefetchFeeder(layer, seed=1) as f:
+        for _ in range(4):
+            next(f)
+        pos = f.position
+        after = [next(f) for _ in range(3)]
+        f.seek(pos)
+        again = [next(f) for _ in range(3)]
+    for a, b in zip(after, again):
+        assert_same(a, b)
+    res = DeviceResident(layer, seed=1)
+    res.seek(pos)
+    assert_same(after[0], next(res))
+
+
+class FailingReader:
+    """Two good batches, then the error a broken record would raise."""
+
+    prefetch = 2
+    shuffled = False
+
+    def __init__(self):
+        self.position = 0
+        self.closed = False
+
+    def next_batch(self):
+        if self.position >= 2:
+            raise DataError("db: record 7 (key '00000007'): not a Caffe Datum")
+        self.position += 1
+        return {"x": np.full((2,), self.position, np.int32)}
+
+    def seek(self, p):
+        self.position = p
+
+    def close(self):
+        self.closed = True
+
+
+def test_prefetch_thread_error_reaches_the_consumer():
+    f = PrefetchFeeder(FailingReader())
+    assert int(next(f)["x"][0]) == 1
+    assert int(next(f)["x"][0]) == 2
+    with pytest.raises(DataError, match=r"record 7 \(key '00000007'\): not a Caffe Datum"):
+        next(f)
+    assert f._thread is None  # the feeder shut itself down
+    with pytest.raises(StopIteration):
+        next(f)
+
+
+class SlowReader:
+    prefetch = 1
+    shuffled = False
+
+    def __init__(self):
+        self.position = 0
+        self.closed = False
+
+    def next_batch(self):
+        self.position += 1
+        return {"x": np.zeros(1, np.float32)}
+
+    def seek(self, p):
+        self.position = p
+
+    def close(self):
+        self.closed = True
+
+
+def test_close_stops_a_blocked_thread():
+    reader = SlowReader()
+    f = PrefetchFeeder(reader, prefetch=1)
+    time.sleep(0.2)  # the thread fills the queue and blocks on put
+    thread = f._thread
+    t0 = time.time()
+    f.close()
+    assert time.time() - t0 < 2.0
+    assert not thread.is_alive()
+    assert not reader.closed  # a reader handed in stays the caller's
+    names = [t.name for t in threading.enumerate()]
+    assert "jcaffe-prefetch" not in names
+
+
+def test_fits_on_device_cpu_rule():
+    cpu = jax.devices("cpu")[0]
+    assert fits_on_device(10 << 20, cpu)
+    assert not fits_on_device(2 << 30, cpu)
+
+
+def test_choose_feeder_auto_env_and_argument(layer, monkeypatch):
+    monkeypatch.delenv("JCAFFE_DATA_ON_DEVICE", raising=False)
+    auto = choose_feeder(layer, seed=0)
+    assert isinstance(auto, DeviceResident)  # a tiny dataset on CPU
+    monkeypatch.setenv("JCAFFE_DATA_ON_DEVICE", "0")
+    with choose_feeder(layer, seed=0) as f:
+        assert isinstance(f, PrefetchFeeder)
+    forced = choose_feeder(layer, seed=0, on_device=True)  # the argument beats the env
+    assert isinstance(forced, DeviceResident)
+    monkeypatch.setenv("JCAFFE_DATA_ON_DEVICE", "maybe")
+    with pytest.raises(DataError, match="JCAFFE_DATA_ON_DEVICE"):
+        choose_feeder(layer, seed=0)
+
+
+def test_shuffled_sources_stay_on_the_host(tmp_path, monkeypatch):
+    import h5py
+
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["data"] = np.arange(12, dtype=np.float32).reshape(6, 2)
+    (tmp_path / "l.txt").write_text(str(tmp_path / "a.h5"))
+    h5 = make_layer(f'type: "HDF5Data" name: "h" hdf5_data_param {{ source: "{tmp_path / "l.txt"}" '
+                    f'batch_size: 2 shuffle: true }}', [], tops=["data"])
+    monkeypatch.delenv("JCAFFE_DATA_ON_DEVICE", raising=False)
+    with choose_feeder(h5, seed=0) as f:
+        assert isinstance(f, PrefetchFeeder)
+        assert next(f)["data"].shape == (2, 2)
+    with pytest.raises(DataError, match="shuffled"):
+        choose_feeder(h5, seed=0, on_device=True)
