@@ -48,7 +48,6 @@ def train_command(argv) -> int:
 
 def _net_and_feed(args, phase):
     from jcaffe.caffemodel import load_caffemodel
-    from jcaffe.data import feed as feed_mod
     from jcaffe.net import Net
     from jcaffe.train import _NetFeed
 
@@ -59,7 +58,7 @@ def _net_and_feed(args, phase):
         if args.weights:
             for w in args.weights.split(","):
                 params = net.copy_from(params, load_caffemodel(w), filename=w)
-        feed = _NetFeed(net, device, False, feed_mod, 1) if net.data_layers else None
+        feed = _NetFeed(net, device, False, seed=0) if net.data_layers else None
     return net, params, feed, device
 
 

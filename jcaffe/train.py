@@ -195,14 +195,12 @@ class Trainer:
     def _setup_feeds(self):
         if self._feeds is not None:
             return
-        from jcaffe.data import feed as feed_mod
-
         self._test_own = [tn.init(jax.random.fold_in(self.key, 1000 + i))
                           for i, tn in enumerate(self.test_nets)]
-        self._feeds = {"train": _NetFeed(self.net, self.device, self._data_on_device, feed_mod,
-                                         self.sp.iter_size)}
+        seed = max(0, int(self.sp.random_seed))
+        self._feeds = {"train": _NetFeed(self.net, self.device, self._data_on_device, seed)}
         for i, tn in enumerate(self.test_nets):
-            self._feeds[i] = _NetFeed(tn, self.device, self._data_on_device, feed_mod, 1)
+            self._feeds[i] = _NetFeed(tn, self.device, self._data_on_device, seed + 100 * (i + 1))
 
     # -- the fused step ----------------------------------------------------------------------
     def _grads(self, params, batches, key):
@@ -528,58 +526,57 @@ def _share(test_net: Net, train_net: Net, train_params, own_params):
 
 
 class _NetFeed:
-    """Raw batches for all data layers of one net, either device-resident or prefetched."""
+    """Raw batches for all data layers of one net, addressed by batch index.
 
-    def __init__(self, net: Net, device, on_device, feed_mod, iter_size: int):
-        self.net = net
-        self.layers = net.data_layers
-        self.feeds = []
-        self.on_device = True
-        self.arrays = None
-        sizes = []
-        for layer in self.layers:
-            sizes.append(layer.dataset_nbytes() if hasattr(layer, "dataset_nbytes") else None)
-        choice = on_device
-        if choice is None:
-            choice = all(s is not None and feed_mod.fits_on_device(s, device) for s in sizes) \
-                if self.layers else True
-            env = os.environ.get("JCAFFE_DATA_ON_DEVICE")
-            if env is not None:
-                choice = env not in ("0", "false", "False")
-        self.on_device = bool(choice)
-        if self.on_device:
-            self.resident = [feed_mod.DeviceResident(l, device=device) for l in self.layers]
-            self.arrays = [r.arrays for r in self.resident]
-        else:
-            self.readers = [l.make_reader() for l in self.layers]
-            self.prefetch = [feed_mod.PrefetchFeeder(r, prefetch=max(1, _prefetch(l)),
-                                                     device=device) for r, l in
-                             zip(self.readers, self.layers)]
-            self._next_index = [0] * len(self.layers)
+    Batch ``k`` of a layer starts at stream position ``start + k·batch_size`` (``start``
+    includes ``rand_skip``), whether the dataset is device-resident (sliced inside the jitted
+    program) or read ahead on the host: both paths give identical batches, and a resumed run
+    finds its place from the iteration alone.
+    """
+
+    def __init__(self, net: Net, device, on_device, seed: int):
+        from jcaffe.data import feed as feed_mod
+
+        self.feeders = [feed_mod.choose_feeder(layer, on_device=on_device, device=device,
+                                               seed=seed + i)
+                        for i, layer in enumerate(net.data_layers)]
+        self.on_device = all(isinstance(f, feed_mod.DeviceResident) for f in self.feeders)
+        if not self.on_device and any(isinstance(f, feed_mod.DeviceResident)
+                                      for f in self.feeders):
+            # Mixed placement: keep one path (the host one) so batches stay aligned.
+            for f in self.feeders:
+                f.close()
+            self.feeders = [feed_mod.choose_feeder(layer, on_device=False, device=device,
+                                                   seed=seed + i)
+                            for i, layer in enumerate(net.data_layers)]
+        self.arrays = [f.arrays for f in self.feeders] if self.on_device else None
+        self._start = [f.cursor0 if self.on_device else f.position for f in self.feeders]
+        self._next = [0] * len(self.feeders)
 
     def batch_at(self, arrays, batch_index):
+        """Batch ``batch_index`` (a traced int) sliced from device-resident ``arrays``."""
         out = {}
-        for r, a in zip(self.resident, arrays):
-            out.update(r.batch_at(a, batch_index))
+        for f, a, start in zip(self.feeders, arrays, self._start):
+            k = jnp.asarray(batch_index, jnp.int32)
+            cursor = jnp.remainder(jnp.int32(start % f.count) +
+                                   jnp.remainder(k * jnp.int32(f.batch_size), jnp.int32(f.count)),
+                                   jnp.int32(f.count))
+            out.update(f.batch_at(a, cursor))
         return out
 
     def host_batch(self, batch_index: int):
+        """Batch ``batch_index`` from the prefetching host readers."""
         out = {}
-        for k, (p, reader) in enumerate(zip(self.prefetch, self.readers)):
-            if batch_index != self._next_index[k]:
-                p.seek_batch(batch_index)
-            out.update(next(p))
-            self._next_index[k] = batch_index + 1
+        for i, (f, start) in enumerate(zip(self.feeders, self._start)):
+            if batch_index != self._next[i]:
+                f.seek(start + batch_index * f.reader.batch_size)
+            out.update(next(f))
+            self._next[i] = batch_index + 1
         return out
 
     def close(self):
-        for p in getattr(self, "prefetch", []):
-            p.close()
-
-
-def _prefetch(layer) -> int:
-    dp = layer.param.data_param
-    return int(dp.prefetch) if dp.prefetch else 4
+        for f in self.feeders:
+            f.close()
 
 
 def _short_text(msg) -> str:
