@@ -1,0 +1,41 @@
+"""Datasets for jcaffe's data layers.
+
+* ``jcaffe.data.dataset``: jcaffe's own format (zarr arrays + ``jcaffe_dataset.json``);
+  ``write_dataset`` / ``read_dataset``.
+* ``jcaffe.data.sources``: ``open_source`` over jcaffe datasets and Caffe's LMDB / LevelDB
+  databases of ``Datum`` records; ``write_lmdb`` / ``write_leveldb``.
+* ``jcaffe.data.mnist`` / ``jcaffe.data.cifar10``: fetching and converting the standard datasets
+  (scripts in ``datasets/``); ``jcaffe.data.mean``: Caffe's mean image (``mean.binaryproto``).
+* ``jcaffe.data.image`` / ``jcaffe.data.datum``: OpenCV-compatible image decoding, Datum records.
+
+Names below are imported on first use, so ``import jcaffe.data`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "open_source": "jcaffe.data.sources",
+    "Source": "jcaffe.data.sources",
+    "write_lmdb": "jcaffe.data.sources",
+    "write_leveldb": "jcaffe.data.sources",
+    "write_dataset": "jcaffe.data.dataset",
+    "read_dataset": "jcaffe.data.dataset",
+    "verify_dataset": "jcaffe.data.dataset",
+    "image_mean": "jcaffe.data.mean",
+    "write_mean_binaryproto": "jcaffe.data.mean",
+}
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'jcaffe.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,524 @@
+"""Record sources for the data layers: jcaffe datasets, Caffe LMDBs and Caffe LevelDBs.
+
+``open_source(path)`` looks at what is on disk (not at the net's ``backend``, which is only a hint):
+
+* a directory holding ``jcaffe_dataset.json``: a jcaffe dataset (``jcaffe.data.dataset``);
+* a directory holding ``data.mdb``, or a single LMDB file: a Caffe LMDB of ``Datum`` records;
+* a directory holding ``CURRENT`` and ``MANIFEST-*`` / ``*.ldb`` / ``*.log``: a Caffe LevelDB.
+
+Every source gives ``count`` records of one ``datum_shape`` (C, H, W) and ``dtype`` (uint8 for byte
+data and encoded images, float32 for ``float_data``); ``read(start, n)`` returns records
+``[start, start + n)`` in Caffe's order (the databases' key order, the dataset's index order) as
+``data [n, C, H, W]`` and ``labels [n]`` int32. The first record fixes shape and dtype; a record
+that differs raises ``DataError`` naming its index and key. Databases are opened read-only (LMDB
+without its lock file); the key index is built once on open, so ``read`` is a cursor range.
+
+``write_lmdb`` / ``write_leveldb`` build Caffe databases atomically (temporary directory beside the
+target, renamed into place when complete), keyed ``%08d`` or by the caller's keys.
+
+A ``Source`` is not meant for concurrent use; its reads are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import threading
+from typing import Iterable
+
+import numpy as np
+
+from jcaffe.data._atomic import atomic_dir
+from jcaffe.data.datum import datum_to_array
+from jcaffe.errors import DataError
+from jcaffe.proto import caffe_pb2
+
+METADATA_FILE = "jcaffe_dataset.json"
+_COMMIT_EVERY = 1000  # records per write transaction, as Caffe's converters
+
+
+class Source:
+    """A read-only sequence of (image, label) records; see the module docstring."""
+
+    path: str
+    kind: str
+    count: int
+    datum_shape: tuple[int, int, int]
+    dtype: np.dtype
+
+    def __init__(self, path: str, kind: str):
+        self.path = path
+        self.kind = kind
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.kind} '{self.path}' count={self.count} "
+                f"shape={self.datum_shape} dtype={np.dtype(self.dtype).name}>")
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_range(self, start: int, n: int) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path}: source is closed")
+        if n < 0 or start < 0 or start + n > self.count:
+            raise IndexError(f"{self.path}: records [{start}, {start + n}) outside "
+                             f"[0, {self.count})")
+
+    def read(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Records ``[start, start + n)``: ``(data [n, C, H, W] of dtype, labels [n] int32)``."""
+        start, n = int(start), int(n)
+        self._check_range(start, n)
+        with self._lock:
+            return self._read(start, n)
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """All records, in order."""
+        return self.read(0, self.count)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _read(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class _DatumSource(Source):
+    """Shared decoding for key-value databases of serialized Datums."""
+
+    def __init__(self, path: str, kind: str, force_color: bool):
+        super().__init__(path, kind)
+        self._force_color = force_color
+        self._keys: list[bytes] = []
+
+    def _where(self, index: int, key: bytes) -> str:
+        return f"{self.path}: record {index} (key '{key.decode('utf-8', 'replace')}')"
+
+    def _init_from_first(self, first_value: bytes) -> None:
+        self.count = len(self._keys)
+        arr, _ = datum_to_array(first_value, self._where(0, self._keys[0]),
+                                force_color=self._force_color)
+        self.datum_shape = tuple(int(v) for v in arr.shape)
+        self.dtype = arr.dtype.type
+
+    def _fill(self, start: int, n: int, values: Iterable[tuple[bytes, bytes]]):
+        data = np.empty((n, *self.datum_shape), dtype=self.dtype)
+        labels = np.empty((n,), dtype=np.int32)
+        got = 0
+        for i, (key, value) in enumerate(itertools.islice(values, n)):
+            index = start + i
+            if key != self._keys[index]:
+                raise DataError(f"{self._where(index, self._keys[index])}: database changed "
+                                f"while open (found key '{key.decode('utf-8', 'replace')}')")
+            where = self._where(index, key)
+            arr, label = datum_to_array(value, where, force_color=self._force_color)
+            if arr.shape != self.datum_shape:
+                raise DataError(f"{where}: shape {tuple(arr.shape)} differs from record 0's "
+                                f"{self.datum_shape}")
+            if arr.dtype != self.dtype:
+                raise DataError(f"{where}: holds {arr.dtype.name} data but record 0 holds "
+                                f"{np.dtype(self.dtype).name}")
+            if not -2**31 <= label < 2**31:
+                raise DataError(f"{where}: label {label} does not fit in int32")
+            data[i] = arr
+            labels[i] = label
+            got += 1
+        if got != n:
+            raise DataError(f"{self.path}: database changed while open (records "
+                            f"[{start}, {start + n}) requested, {got} found)")
+        return data, labels
+
+
+class LMDBSource(_DatumSource):
+    """A Caffe LMDB of Datums (a directory with ``data.mdb``, or an LMDB file)."""
+
+    def __init__(self, path: str, *, force_color: bool = False):
+        super().__init__(path, "lmdb", force_color)
+        import lmdb
+
+        self._env = None
+        try:
+            self._env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path),
+                                  readahead=False, max_readers=1)
+            self._txn = self._env.begin(buffers=False)
+            cursor = self._txn.cursor()
+            self._keys = list(cursor.iternext(keys=True, values=False))
+            first = self._txn.get(self._keys[0]) if self._keys else None
+        except lmdb.Error as e:
+            self._close_env()
+            raise DataError(f"{path}: cannot read LMDB (corrupt, locked or unreadable): "
+                            f"{type(e).__name__}: {e}") from None
+        except OSError as e:
+            self._close_env()
+            raise DataError(f"{path}: cannot read LMDB: {e.strerror or e}") from None
+        if not self._keys:
+            self._close_env()
+            raise DataError(f"{path}: LMDB holds no records")
+        try:
+            self._init_from_first(first)
+        except BaseException:
+            self._close_env()
+            raise
+
+    def _close_env(self) -> None:
+        if self._env is not None:
+            try:
+                self._env.close()
+            finally:
+                self._env = None
+
+    def _read(self, start: int, n: int):
+        import lmdb
+
+        if n == 0:
+            return (np.empty((0, *self.datum_shape), self.dtype), np.empty((0,), np.int32))
+        try:
+            cursor = self._txn.cursor()
+            if not cursor.set_key(self._keys[start]):
+                raise DataError(f"{self._where(start, self._keys[start])}: key vanished "
+                                "(database changed while open)")
+            return self._fill(start, n, cursor.iternext(keys=True, values=True))
+        except lmdb.Error as e:
+            raise DataError(f"{self.path}: LMDB read failed at records [{start}, {start + n}): "
+                            f"{type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        if not self._closed:
+            super().close()
+            try:
+                self._txn.abort()
+            except Exception:
+                pass
+            self._close_env()
+
+
+# LevelDB admits one open handle per database; sources of one process share it.
+_LEVELDB_GUARD = threading.Lock()
+_LEVELDB_OPEN: dict[str, list] = {}  # real path -> [plyvel.DB, users]
+
+
+def _acquire_leveldb(path: str):
+    import plyvel
+
+    key = os.path.realpath(path)
+    with _LEVELDB_GUARD:
+        entry = _LEVELDB_OPEN.get(key)
+        if entry is None:
+            entry = _LEVELDB_OPEN[key] = [plyvel.DB(path, create_if_missing=False), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_leveldb(path: str) -> None:
+    key = os.path.realpath(path)
+    with _LEVELDB_GUARD:
+        entry = _LEVELDB_OPEN.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _LEVELDB_OPEN[key]
+            entry[0].close()
+
+
+class LevelDBSource(_DatumSource):
+    """A Caffe LevelDB of Datums (read through ``plyvel`` and a snapshot)."""
+
+    def __init__(self, path: str, *, force_color: bool = False):
+        super().__init__(path, "leveldb", force_color)
+        import plyvel
+
+        self._db = None
+        try:
+            self._db = _acquire_leveldb(path)
+            self._snap = self._db.snapshot()
+            self._keys = list(self._snap.iterator(include_value=False))
+            first = self._snap.get(self._keys[0]) if self._keys else None
+        except plyvel.IOError as e:
+            self._close_db()
+            msg = str(e)
+            if "lock" in msg.lower():
+                raise DataError(f"{path}: LevelDB is locked by another process (LevelDB allows "
+                                f"one user at a time): {msg}") from None
+            raise DataError(f"{path}: cannot read LevelDB: {msg}") from None
+        except plyvel.Error as e:
+            self._close_db()
+            raise DataError(f"{path}: cannot read LevelDB (corrupt?): {type(e).__name__}: {e}"
+                            ) from None
+        if not self._keys:
+            self._close_db()
+            raise DataError(f"{path}: LevelDB holds no records")
+        try:
+            self._init_from_first(first)
+        except BaseException:
+            self._close_db()
+            raise
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db = None
+            _release_leveldb(self.path)
+
+    def _read(self, start: int, n: int):
+        import plyvel
+
+        if n == 0:
+            return (np.empty((0, *self.datum_shape), self.dtype), np.empty((0,), np.int32))
+        try:
+            it = self._snap.iterator(start=self._keys[start])
+            try:
+                return self._fill(start, n, it)
+            finally:
+                it.close()
+        except plyvel.Error as e:
+            raise DataError(f"{self.path}: LevelDB read failed at records "
+                            f"[{start}, {start + n}): {type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        if not self._closed:
+            super().close()
+            try:
+                self._snap.close()
+            except Exception:
+                pass
+            self._close_db()
+
+
+# --------------------------------------------------------------------------------------------
+# Detection and opening
+
+def detect_kind(path: str) -> str | None:
+    """"tensorstore", "lmdb" or "leveldb" from what ``path`` holds; None when none fits."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, METADATA_FILE)):
+            return "tensorstore"
+        if os.path.isfile(os.path.join(path, "data.mdb")):
+            return "lmdb"
+        if os.path.isfile(os.path.join(path, "CURRENT")) and any(
+                glob.glob(os.path.join(path, pattern))
+                for pattern in ("MANIFEST-*", "*.ldb", "*.log")):
+            return "leveldb"
+        return None
+    if os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(32)
+        except OSError:
+            return None
+        # An LMDB file starts with a meta page whose magic 0xBEEFC0DE sits at offset 16.
+        if len(head) >= 20 and head[16:20] == (0xBEEFC0DE).to_bytes(4, "little"):
+            return "lmdb"
+    return None
+
+
+def prepare_command(path: str, backend_hint: int | None = None) -> str | None:
+    """The command that creates a shipped dataset at ``path`` (under datasets/mnist or
+    datasets/cifar10), or None."""
+    parts = os.path.abspath(path).replace("\\", "/").split("/")
+    name = parts[-1] if parts else ""
+    fmt = ""
+    if name.endswith("_lmdb"):
+        fmt = " --format lmdb"
+    elif name.endswith("_leveldb"):
+        fmt = " --format leveldb"
+    for i in range(len(parts) - 1):
+        if parts[i] == "datasets" and parts[i + 1] == "mnist":
+            return f"python datasets/mnist/prepare_mnist.py{fmt}"
+        if parts[i] == "datasets" and parts[i + 1] == "cifar10":
+            return (f"python datasets/cifar10/prepare_cifar10.py --from DIR{fmt} (DIR: the "
+                    "cifar-10-batches-bin folder of https://www.cs.toronto.edu/~kriz/"
+                    "cifar-10-binary.tar.gz)")
+    return None
+
+
+def open_source(path: str, backend_hint: int | None = None, *, force_color: bool = False) -> Source:
+    """Opens the records at ``path`` (kind detected from its contents; see the module docstring).
+
+    ``backend_hint`` (``DataParameter.DB``: 0 LEVELDB, 1 LMDB) only improves error messages;
+    ``force_color`` decodes encoded colour-less images as BGR (Caffe's ``force_color``).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        cmd = prepare_command(path, backend_hint)
+        hint = f"; create it with: {cmd}" if cmd else ""
+        raise DataError(f"{path}: dataset not found{hint}")
+    kind = detect_kind(path)
+    if kind == "tensorstore":
+        from jcaffe.data.dataset import read_dataset
+
+        return read_dataset(path)
+    if kind == "lmdb":
+        return LMDBSource(path, force_color=force_color)
+    if kind == "leveldb":
+        return LevelDBSource(path, force_color=force_color)
+    said = ""
+    if backend_hint is not None:
+        try:
+            said = f" (the net says backend {caffe_pb2.DataParameter.DB.Name(backend_hint)})"
+        except ValueError:
+            said = f" (the net says backend {backend_hint})"
+    raise DataError(f"{path}: not a dataset: expected a jcaffe dataset ({METADATA_FILE}), a Caffe "
+                    f"LMDB (data.mdb) or a Caffe LevelDB (CURRENT, MANIFEST-*){said}")
+
+
+def db_bounds(path: str) -> tuple[bytes, bytes, bytes]:
+    """(first key, last key, first value) of a Caffe LMDB or LevelDB, without indexing all keys
+    (a quick completeness check for databases this module wrote). Raises ``DataError``."""
+    kind = detect_kind(path)
+    if kind == "lmdb":
+        import lmdb
+
+        try:
+            env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path),
+                            max_readers=1)
+            try:
+                with env.begin() as txn:
+                    cur = txn.cursor()
+                    if not cur.first():
+                        raise DataError(f"{path}: LMDB holds no records")
+                    first_key, first_value = cur.key(), cur.value()
+                    cur.last()
+                    return first_key, cur.key(), first_value
+            finally:
+                env.close()
+        except lmdb.Error as e:
+            raise DataError(f"{path}: cannot read LMDB: {type(e).__name__}: {e}") from None
+    if kind == "leveldb":
+        import plyvel
+
+        try:
+            db = _acquire_leveldb(path)
+        except plyvel.Error as e:
+            raise DataError(f"{path}: cannot read LevelDB: {e}") from None
+        try:
+            with db.iterator() as it:
+                first = next(it, None)
+            if first is None:
+                raise DataError(f"{path}: LevelDB holds no records")
+            with db.iterator(reverse=True, include_value=False) as it:
+                last_key = next(it)
+            return first[0], last_key, first[1]
+        finally:
+            _release_leveldb(path)
+    raise DataError(f"{path}: not a Caffe LMDB or LevelDB")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing Caffe databases
+
+def _datum_items(datums) -> Iterable[tuple[bytes, bytes]]:
+    for i, item in enumerate(datums):
+        if isinstance(item, tuple):
+            if len(item) != 2:
+                raise ValueError(f"item {i}: expected (key, datum), got a {len(item)}-tuple")
+            key, datum = item
+        else:
+            key, datum = f"{i:08d}", item
+        if isinstance(key, str):
+            key = key.encode("utf-8")
+        if isinstance(datum, caffe_pb2.Datum):
+            value = datum.SerializeToString()
+        elif isinstance(datum, (bytes, bytearray, memoryview)):
+            value = bytes(datum)
+        else:
+            raise TypeError(f"item {i}: expected a caffe_pb2.Datum or its bytes, "
+                            f"got {type(datum).__name__}")
+        yield bytes(key), value
+
+
+def replaceable(path: str) -> bool:
+    """Whether an existing ``path`` is a dataset (or an empty folder) that may be overwritten."""
+    return os.path.isdir(path) and (detect_kind(path) is not None or not os.listdir(path))
+
+
+def write_lmdb(path: str, datums, *, overwrite: bool = False) -> int:
+    """Writes Datums to a new Caffe LMDB at ``path``; returns the record count.
+
+    ``datums`` yields ``caffe_pb2.Datum`` (or serialized bytes), keyed ``%08d`` by position, or
+    ``(key, datum)`` pairs (convert_imageset's ``%08d_<filename>``). A repeated key is an error.
+    """
+    import lmdb
+
+    path = os.path.abspath(os.fspath(path))
+    count = 0
+    with atomic_dir(path, overwrite=overwrite, replaceable=replaceable) as tmp:
+        env = lmdb.open(tmp, map_size=64 << 20, subdir=True, max_dbs=0)
+        try:
+            def commit(batch):
+                while True:
+                    try:
+                        with env.begin(write=True) as txn:
+                            for key, value in batch:
+                                if not txn.put(key, value, overwrite=False):
+                                    shown = key.decode("utf-8", "replace")
+                                    raise DataError(f"{path}: key '{shown}' appears twice")
+                        return
+                    except lmdb.MapFullError:
+                        env.set_mapsize(env.info()["map_size"] * 2)
+
+            batch = []
+            for key, value in _datum_items(datums):
+                if not 0 < len(key) <= env.max_key_size():
+                    raise DataError(f"{path}: record {count}: key of {len(key)} bytes (LMDB "
+                                    f"allows 1..{env.max_key_size()})")
+                batch.append((key, value))
+                count += 1
+                if len(batch) == _COMMIT_EVERY:
+                    commit(batch)
+                    batch = []
+            if batch:
+                commit(batch)
+            env.sync(True)
+        except lmdb.Error as e:
+            raise DataError(f"{path}: LMDB write failed: {type(e).__name__}: {e}") from None
+        finally:
+            env.close()
+    return count
+
+
+def write_leveldb(path: str, datums, *, overwrite: bool = False) -> int:
+    """Writes Datums to a new Caffe LevelDB at ``path`` (Caffe's options: 64 KiB blocks); returns
+    the record count. ``datums`` as for ``write_lmdb``."""
+    import plyvel
+
+    path = os.path.abspath(os.fspath(path))
+    count = 0
+    seen: set[bytes] = set()
+    with atomic_dir(path, overwrite=overwrite, replaceable=replaceable) as tmp:
+        db = plyvel.DB(tmp, create_if_missing=True, error_if_exists=False, block_size=65536,
+                       write_buffer_size=64 << 20, max_open_files=100)
+        try:
+            wb = db.write_batch()
+            pending = 0
+            for key, value in _datum_items(datums):
+                if not key:
+                    raise DataError(f"{path}: record {count}: empty key")
+                if key in seen:
+                    raise DataError(f"{path}: key '{key.decode('utf-8', 'replace')}' appears twice")
+                seen.add(key)
+                wb.put(key, value)
+                count += 1
+                pending += 1
+                if pending == _COMMIT_EVERY:
+                    wb.write()
+                    wb = db.write_batch()
+                    pending = 0
+            if pending:
+                wb.write()
+        except plyvel.Error as e:
+            raise DataError(f"{path}: LevelDB write failed: {type(e).__name__}: {e}") from None
+        finally:
+            db.close()
+    return count
+
+
+__all__ = ["Source", "LMDBSource", "LevelDBSource", "open_source", "detect_kind", "db_bounds",
+           "prepare_command", "write_lmdb", "write_leveldb", "METADATA_FILE"]
