@@ -221,3 +221,17 @@ def device_query_command(argv) -> int:
         if "bytes_limit" in stats:
             _log.info("Total memory: %d", stats["bytes_limit"])
     return 0
+
+
+@register_command("convert_imageset", "convert a list of images into a dataset (tensorstore/LMDB/LevelDB)")
+def convert_imageset_command(argv) -> int:
+    from jcaffe.tools import convert_imageset
+
+    return convert_imageset.main(list(argv))
+
+
+@register_command("compute_image_mean", "compute the mean image of a dataset into a .binaryproto")
+def compute_image_mean_command(argv) -> int:
+    from jcaffe.tools import compute_image_mean
+
+    return compute_image_mean.main(list(argv))
