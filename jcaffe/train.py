@@ -457,8 +457,7 @@ class Trainer:
                               dt, sp.display, smoothed)
                     self._log_train_outputs({k: v[j] for k, v in outputs.items()})
                     from jcaffe import solver as solver_mod
-                    _log.info("Iteration %d, lr = %.6g", it, solver_mod.learning_rate(
-                        sp, it, self._current_step_at(it)))
+                    _log.info("Iteration %d, lr = %.6g", it, solver_mod.learning_rate(sp, it))
                     t_last, it_last = now, it
             if sp.snapshot and self.iter % sp.snapshot == 0:
                 self.snapshot()
@@ -473,19 +472,12 @@ class Trainer:
         if sp.snapshot_after_train and (not sp.snapshot or self.iter % sp.snapshot != 0):
             self.snapshot()
         if sp.display and self.iter % sp.display == 0 and self.iter == stop_iter:
-            loss = self.forward_loss()
-            _log.info("Iteration %d, loss = %.6g", self.iter, loss)
+            self.losses.append(self.forward_loss())
+            _log.info("Iteration %d, loss = %.6g", self.iter, float(np.mean(self.losses)))
         if sp.test_interval and self.test_nets and self.iter % sp.test_interval == 0:
             results["test"] = self.test_all()
         _log.info("Optimization Done.")
         return results
-
-    def _current_step_at(self, it: int) -> int | None:
-        from jcaffe import solver as solver_mod
-        try:
-            return int(solver_mod.get_current_step(self.opt_state))
-        except Exception:
-            return None
 
     def forward_loss(self) -> float:
         """The train net's loss on the next batch (Caffe's final display after training)."""

@@ -1,0 +1,272 @@
+"""The trainer: Caffe's Solve loop, logs that Caffe's tools parse, snapshots, resume, divergence."""
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from jcaffe import caffemodel, log
+from jcaffe import solver as solver_mod
+from jcaffe.data.dataset import write_dataset
+from jcaffe.errors import JcaffeError, SolverError
+from jcaffe.proto import caffe_pb2
+from jcaffe.train import Trainer
+
+NET = """
+name: "tiny"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+        transform_param { scale: 0.00390625 } data_param { source: "%(train)s" batch_size: 16 } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+        transform_param { scale: 0.00390625 } data_param { source: "%(test)s" batch_size: 20 } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        param { lr_mult: 1 } param { lr_mult: 2 }
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+        param { lr_mult: 1 } param { lr_mult: 2 }
+        inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy"
+        include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+SOLVER = """
+test_iter: 3
+test_interval: 10
+base_lr: 0.05
+momentum: 0.9
+weight_decay: 0.0005
+lr_policy: "inv"
+gamma: 0.001
+power: 0.75
+display: 5
+max_iter: 20
+snapshot: 10
+solver_mode: CPU
+random_seed: 7
+"""
+
+
+def make_data(n, seed):
+    """Three classes told apart by where a bright square sits: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    data = rng.integers(0, 60, (n, 1, 8, 8)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        data[i, 0, 2 * c:2 * c + 3, 2:6] = 250
+    return data, labels
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    write_dataset(str(d / "train"), *make_data(96, 0))
+    write_dataset(str(d / "test"), *make_data(60, 1))
+    (d / "net.prototxt").write_text(NET % {"train": d / "train", "test": d / "test"})
+    return d
+
+
+def solver_param(workdir, extra="", **fields):
+    sp = text_format.Parse(SOLVER + extra, caffe_pb2.SolverParameter())
+    sp.net = str(workdir / "net.prototxt")
+    sp.snapshot_prefix = str(workdir / "snap" / "tiny")
+    for k, v in fields.items():
+        setattr(sp, k, v)
+    if sp.test_interval == 0:
+        del sp.test_iter[:]  # no test nets (Caffe requires test_interval > 0 with test nets)
+    return sp
+
+
+def trainer(workdir, extra="", **kw):
+    fields = {k: kw.pop(k) for k in list(kw) if k not in ("data_on_device", "iters_per_call")}
+    return Trainer(solver_param(workdir, extra, **fields), verbose=False, **kw)
+
+
+def params_np(params):
+    return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    """One uninterrupted 20-iteration run (device-resident data), its log and results."""
+    stream = _Capture()
+    log.setup(stream=stream)
+    try:
+        t = trainer(workdir)
+        results = t.solve()
+        t.close()
+    finally:
+        log.setup()
+    return t, results, stream.text
+
+
+class _Capture:
+    def __init__(self):
+        self.parts = []
+
+    def write(self, s):
+        self.parts.append(s)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(self.parts)
+
+
+def test_learns_and_tests(full_run):
+    t, results, _ = full_run
+    assert t.iter == 20
+    acc = float(results["test"][0]["accuracy"])
+    assert acc > 0.9, acc  # three well-separated classes
+
+
+def test_log_parses_with_caffes_parse_log_regexes(full_run):
+    _, _, text = full_run
+    # The regular expressions of Caffe's tools/extra/parse_log.py.
+    regex_iteration = re.compile(r"Iteration (\d+)")
+    regex_train_output = re.compile(r"Train net output #(\d+): (\S+) = ([\.\deE+-]+)")
+    regex_test_output = re.compile(r"Test net output #(\d+): (\S+) = ([\.\deE+-]+)")
+    regex_learning_rate = re.compile(r"lr = ([-+]?[0-9]*\.?[0-9]+([eE]?[-+]?[0-9]+)?)")
+    assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \S+:\d+\] Solving tiny$", text, re.M)
+    train, test, lrs = [], [], []
+    iteration = -1
+    for line in text.splitlines():
+        m = regex_iteration.search(line)
+        if m:
+            iteration = int(m.group(1))
+        m = regex_train_output.search(line)
+        if m:
+            train.append((iteration, m.group(2), float(m.group(3))))
+        m = regex_test_output.search(line)
+        if m:
+            test.append((iteration, m.group(2), float(m.group(3))))
+        m = regex_learning_rate.search(line)
+        if m:
+            lrs.append((iteration, float(m.group(1))))
+    assert [i for i, name, _ in train] == [0, 5, 10, 15]
+    assert {name for _, name, _ in train} == {"loss"}
+    assert [(i, name) for i, name, _ in test] == [(0, "accuracy"), (0, "loss"), (10, "accuracy"),
+                                                  (10, "loss"), (20, "accuracy"), (20, "loss")]
+    sp = text_format.Parse(SOLVER, caffe_pb2.SolverParameter())
+    for it, lr in lrs:
+        expect = 0.05 * (1 + 0.001 * it) ** -0.75
+        assert lr == pytest.approx(expect, rel=1e-5)
+    assert [i for i, _ in lrs] == [0, 5, 10, 15]
+    # Caffe's order at a test+display iteration: test first, then loss, outputs, lr.
+    block = text[text.index("Iteration 10, Testing net (#0)"):]
+    order = [block.index(s) for s in ("Test net output #0", "Iteration 10 (", "Train net output #0",
+                                      "Iteration 10, lr")]
+    assert order == sorted(order)
+
+
+def test_snapshot_files_are_caffe_protos(full_run, workdir):
+    t, _, _ = full_run
+    state = caffe_pb2.SolverState()
+    state.ParseFromString((workdir / "snap" / "tiny_iter_20.solverstate").read_bytes())
+    assert state.iter == 20
+    assert state.learned_net.endswith("tiny_iter_20.caffemodel")
+    assert len(state.history) == len(t.net.params_info)  # SGD: one history blob per param
+    model = caffe_pb2.NetParameter()
+    model.ParseFromString((workdir / "snap" / "tiny_iter_20.caffemodel").read_bytes())
+    blobs = {l.name: l.blobs for l in model.layer if l.blobs}
+    np.testing.assert_array_equal(np.asarray(blobs["conv"][0].data, np.float32),
+                                  np.ravel(params_np(t.params)["conv"][0]))
+    assert list(blobs["conv"][0].shape.dim) == [4, 1, 3, 3]
+    # The momentum history is Caffe's v (lr inside), so it matches the last update's size.
+    assert (workdir / "snap" / "tiny_iter_10.caffemodel").exists()
+
+
+def test_resume_is_bit_exact(full_run, workdir):
+    t_full, _, _ = full_run
+    resumed = trainer(workdir)
+    resumed.restore(str(workdir / "snap" / "tiny_iter_10.solverstate"))
+    assert resumed.iter == 10
+    resumed.solve()
+    resumed.close()
+    a, b = params_np(t_full.params), params_np(resumed.params)
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert x.tobytes() == y.tobytes(), name
+
+
+def test_host_fed_path_equals_device_resident(workdir, full_run):
+    t_full, _, _ = full_run
+    host = trainer(workdir, data_on_device=False, snapshot=0, max_iter=10, test_interval=0,
+                   snapshot_after_train=False)
+    dev = trainer(workdir, data_on_device=True, snapshot=0, max_iter=10, test_interval=0,
+                  snapshot_after_train=False)
+    host.solve()
+    dev.solve()
+    host.close()
+    dev.close()
+    a, b = params_np(host.params), params_np(dev.params)
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_step_does_not_recompile(workdir):
+    t = trainer(workdir, test_interval=0, snapshot=0, snapshot_after_train=False, display=0,
+                iters_per_call=5)
+    t._setup_feeds()
+    t.run_iterations(5)
+    fn = t._multi_step(5)
+    size = fn._cache_size()
+    t.run_iterations(5)
+    t.run_iterations(5)
+    assert fn._cache_size() == size == 1
+    t.close()
+
+
+def test_update_is_caffes_sgd(workdir):
+    """One jcaffe iteration equals Caffe's SGD formula applied to JAX's gradient."""
+    t = trainer(workdir, test_interval=0, snapshot=0, snapshot_after_train=False, display=0)
+    t._setup_feeds()
+    p0 = params_np(t.params)
+    feed = t._feeds["train"]
+    batch = feed.batch_at(feed.arrays, 0)
+    key = jax.random.fold_in(t.key, 0)
+    grads = jax.grad(lambda p: t.net.loss(p, batch, train=True,
+                                          key=jax.random.fold_in(key, 0))[0])(t.params)
+    t.run_iterations(1)
+    p1 = params_np(t.params)
+    g = params_np(grads)
+    lr = 0.05
+    for info in t.net.params_info:
+        w = p0[info.layer][info.index]
+        v = lr * info.lr_mult * (g[info.layer][info.index] + 0.0005 * info.decay_mult * w)
+        np.testing.assert_allclose(p1[info.layer][info.index], w - v, rtol=2e-5, atol=1e-7)
+
+
+def test_divergence_stops_with_the_iteration(workdir):
+    t = trainer(workdir, base_lr=1e6, test_interval=0, snapshot=0, display=0,
+                snapshot_after_train=False, lr_policy="fixed")
+    with pytest.raises(SolverError, match=r"at iteration \d+: training diverged"):
+        t.solve()
+    t.close()
+
+
+def test_stop_request_snapshots(workdir, tmp_path):
+    t = trainer(workdir, test_interval=0, snapshot=0, display=0, iters_per_call=4,
+                snapshot_prefix=str(tmp_path / "s"))
+    t.request("stop")  # as SIGINT does
+    t.solve()
+    t.close()
+    assert t.iter == 4
+    assert (tmp_path / "s_iter_4.solverstate").exists()
+
+
+def test_gpu_flag_without_gpu_is_an_error():
+    from jcaffe.train import select_device
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is present")
+    with pytest.raises(SolverError, match="--gpu"):
+        select_device(caffe_pb2.SolverParameter.CPU, explicit_gpu=[0])
+    assert select_device(caffe_pb2.SolverParameter.GPU).platform == "cpu"  # warns, falls back
