@@ -1,0 +1,672 @@
+"""Vision layers: Convolution, Deconvolution, Pooling, LRN.
+
+Shapes, blob layouts, output-size rules and numerics are Caffe's. Two interchangeable
+formulations exist for convolution and pooling, chosen statically when a layer is built:
+
+* convolution: ``"xla"`` (``lax.conv_general_dilated``) or ``"im2col"`` (one strided slice per
+  kernel offset stacked into columns, then one ``dot_general`` per group, as Caffe's own CPU
+  path does). XLA's CPU convolutions are slow in the weight gradient, im2col is about twice as
+  fast there.
+* pooling: ``"slices"`` (one strided slice per window offset; a running strict ``>`` max picks
+  the first maximum of a window like Caffe, and the running sum adds in Caffe's order) or
+  ``"reduce_window"`` (``lax.reduce_window``). On CPU the slices are the faster of the two.
+
+``CONV_IMPL`` / ``POOL_IMPL`` (module settings, default ``"auto"``) pick them; the environment
+variables ``JCAFFE_CONV_IMPL`` / ``JCAFFE_POOL_IMPL`` override the settings, and the
+``conv_impl(...)`` / ``pool_impl(...)`` context managers override both. ``"auto"`` means im2col
+and slices on the CPU backend, xla and reduce_window elsewhere. A built layer keeps its choice
+in ``layer.impl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jcaffe.errors import NetError
+from jcaffe.fillers import fill
+from jcaffe.layers.base import Layer, Shape, count, register
+from jcaffe.proto import caffe_pb2
+
+CONV_IMPLS = ("xla", "im2col")
+POOL_IMPLS = ("reduce_window", "slices")
+CONV_IMPL = "auto"
+POOL_IMPL = "auto"
+
+# Caffe computes in full float32; on GPUs the default precision would round matmul inputs to
+# TF32 and drift from Caffe's numbers.
+PRECISION = lax.Precision.HIGHEST
+
+_forced: dict[str, str | None] = {"conv": None, "pool": None}
+
+
+def _choose(kind: str, setting: str, env: str, choices: tuple[str, ...], auto: tuple[str, str]):
+    name = _forced[kind] or os.environ.get(env) or setting
+    if name == "auto":
+        return auto[0] if jax.default_backend() == "cpu" else auto[1]
+    if name not in choices:
+        source = ("conv_impl/pool_impl" if _forced[kind] else
+                  env if os.environ.get(env) else f"jcaffe.layers.vision.{kind.upper()}_IMPL")
+        raise NetError(f"{source}: unknown {kind} implementation '{name}' "
+                       f"(known: auto, {', '.join(choices)})")
+    return name
+
+
+def resolve_conv_impl() -> str:
+    """The convolution formulation a layer built now uses: ``"xla"`` or ``"im2col"``."""
+    return _choose("conv", CONV_IMPL, "JCAFFE_CONV_IMPL", CONV_IMPLS, ("im2col", "xla"))
+
+
+def resolve_pool_impl() -> str:
+    """The pooling formulation a layer built now uses: ``"slices"`` or ``"reduce_window"``."""
+    return _choose("pool", POOL_IMPL, "JCAFFE_POOL_IMPL", POOL_IMPLS, ("slices", "reduce_window"))
+
+
+@contextlib.contextmanager
+def _force(kind: str, name: str, choices: tuple[str, ...]):
+    if name != "auto" and name not in choices:
+        raise NetError(f"{kind}_impl: unknown {kind} implementation '{name}' "
+                       f"(known: auto, {', '.join(choices)})")
+    before = _forced[kind]
+    _forced[kind] = name
+    try:
+        yield
+    finally:
+        _forced[kind] = before
+
+
+def conv_impl(name: str):
+    """Context manager: Convolution / Deconvolution layers built inside use formulation ``name``."""
+    return _force("conv", name, CONV_IMPLS)
+
+
+def pool_impl(name: str):
+    """Context manager: Pooling layers built inside use formulation ``name``."""
+    return _force("pool", name, POOL_IMPLS)
+
+
+def _offsets(kernel):
+    """Kernel offsets in Caffe's row-major window order."""
+    return list(itertools.product(*(range(k) for k in kernel)))
+
+
+def _window_slices(x, kernel, stride, dilation, out_sp):
+    """For each kernel offset, the strided slice of ``x`` [N, C, *spatial] that the offset
+    reads in every output position (``x`` already padded)."""
+    lead = x.shape[:2]
+    pieces = []
+    for off in _offsets(kernel):
+        start = tuple(o * d for o, d in zip(off, dilation))
+        limit = tuple(s0 + st * (n - 1) + 1 for s0, st, n in zip(start, stride, out_sp))
+        pieces.append(lax.slice(x, (0, 0) + start, lead + limit, (1, 1) + tuple(stride)))
+    return pieces
+
+
+# ------------------------------------------------------------------------------------------
+# Convolution / Deconvolution
+# ------------------------------------------------------------------------------------------
+
+class _BaseConvolution(Layer):
+    """Shared setup of Convolution and Deconvolution (Caffe's BaseConvolutionLayer)."""
+
+    min_bottoms = 1
+    min_tops = 1
+    # Deconvolution swaps the roles of input and output channels in the weight blob.
+    reverse = False
+
+    def setup(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        p = self.param.convolution_param
+        if len(bottom_shapes) != len(self.top_names):
+            raise self.error(f"needs one top per bottom, got {len(bottom_shapes)} bottom(s) "
+                             f"and {len(self.top_names)} top(s)")
+        shape = bottom_shapes[0]
+        for i, s in enumerate(bottom_shapes[1:], 1):
+            if s != shape:
+                raise self.shape_error(f"all bottoms must have the same shape; bottom {i} "
+                                       f"{list(s)} differs from bottom 0 {list(shape)}")
+        self.axis = self.canonical_axis(p.axis, len(shape))
+        self.num_spatial = len(shape) - self.axis - 1
+        if self.num_spatial < 1:
+            raise self.shape_error(f"needs at least one spatial axis after the channel axis "
+                                   f"{self.axis}")
+        nsp = self.num_spatial
+
+        self.kernel = self._kernel(p, nsp)
+        self.stride = self._spatial(p, "stride", nsp, 1)
+        self.pad = self._spatial(p, "pad", nsp, 0)
+        self.dilation = self._spatial(p, "dilation", nsp, 1)
+        if any(s <= 0 for s in self.stride):
+            raise self.error(f"stride must be positive, got {list(self.stride)}")
+        if any(d <= 0 for d in self.dilation):
+            raise self.error(f"dilation must be positive, got {list(self.dilation)}")
+
+        self.channels = shape[self.axis]
+        if not p.HasField("num_output") or p.num_output <= 0:
+            raise self.error("convolution_param.num_output must be given and positive")
+        self.num_output = int(p.num_output)
+        self.group = int(p.group)
+        if self.group <= 0:
+            raise self.error(f"group must be positive, got {self.group}")
+        if self.channels % self.group:
+            raise self.shape_error(f"input channels ({self.channels}) must be divisible by "
+                                   f"group ({self.group})")
+        if self.num_output % self.group:
+            raise self.error(f"num_output ({self.num_output}) must be divisible by group "
+                             f"({self.group})")
+        self.bias_term = bool(p.bias_term)
+
+        conv_out, conv_in = ((self.channels, self.num_output) if self.reverse
+                             else (self.num_output, self.channels))
+        self.blob_shapes = [(conv_out, conv_in // self.group) + self.kernel]
+        if self.bias_term:
+            self.blob_shapes.append((self.num_output,))
+
+        self.in_spatial = tuple(shape[self.axis + 1:])
+        self.out_spatial = self._output_spatial()
+        if any(n <= 0 for n in self.out_spatial):
+            raise self.shape_error(
+                f"output would be empty (spatial size {list(self.out_spatial)} from input "
+                f"{list(self.in_spatial)}, kernel {list(self.kernel)}, stride "
+                f"{list(self.stride)}, pad {list(self.pad)}, dilation {list(self.dilation)})")
+        try:
+            self.impl = resolve_conv_impl()
+        except NetError as e:
+            raise self.error(str(e)) from None
+        top = tuple(shape[:self.axis]) + (self.num_output,) + self.out_spatial
+        return [top] * len(bottom_shapes)
+
+    def _kernel(self, p, nsp) -> tuple[int, ...]:
+        if p.HasField("kernel_h") or p.HasField("kernel_w"):
+            if nsp != 2:
+                raise self.error("kernel_h / kernel_w can only be used for 2-d convolution")
+            if len(p.kernel_size):
+                raise self.error("give either kernel_size or kernel_h and kernel_w, not both")
+            if not (p.HasField("kernel_h") and p.HasField("kernel_w")):
+                raise self.error("kernel_h and kernel_w must be given together")
+            kernel = (int(p.kernel_h), int(p.kernel_w))
+        else:
+            n = len(p.kernel_size)
+            if n == 0:
+                raise self.error("kernel_size (or kernel_h and kernel_w) is required")
+            if n not in (1, nsp):
+                raise self.error(f"kernel_size must be given once or once per spatial axis "
+                                 f"({nsp}), got {n} values")
+            kernel = tuple(int(p.kernel_size[0 if n == 1 else i]) for i in range(nsp))
+        if any(k <= 0 for k in kernel):
+            raise self.error(f"kernel size must be positive, got {list(kernel)}")
+        return kernel
+
+    def _spatial(self, p, field, nsp, default) -> tuple[int, ...]:
+        if field != "dilation" and (p.HasField(field + "_h") or p.HasField(field + "_w")):
+            if nsp != 2:
+                raise self.error(f"{field}_h / {field}_w can only be used for 2-d convolution")
+            if len(getattr(p, field)):
+                raise self.error(f"give either {field} or {field}_h and {field}_w, not both")
+            # Caffe reads both, an unset one taking the field's proto default.
+            return (int(getattr(p, field + "_h")), int(getattr(p, field + "_w")))
+        values = list(getattr(p, field))
+        if len(values) not in (0, 1, nsp):
+            raise self.error(f"{field} must be given once or once per spatial axis ({nsp}), "
+                             f"got {len(values)} values")
+        if not values:
+            return (default,) * nsp
+        return tuple(int(values[0 if len(values) == 1 else i]) for i in range(nsp))
+
+    def _extent(self, i):
+        return self.dilation[i] * (self.kernel[i] - 1) + 1
+
+    def init(self, key: jax.Array) -> list[jax.Array]:
+        p = self.param.convolution_param
+        kw, kb = jax.random.split(key)
+        where = f"layer '{self.name}' (type {self.type})"
+        blobs = [fill(p.weight_filler, self.blob_shapes[0], kw, jnp.float32, where + " weight")]
+        if self.bias_term:
+            blobs.append(fill(p.bias_filler, self.blob_shapes[1], kb, jnp.float32,
+                              where + " bias"))
+        return blobs
+
+    def apply(self, blobs, bottoms, ctx):
+        tops = []
+        for x in bottoms:
+            lead = x.shape[:self.axis]
+            x4 = x.reshape((count(lead), self.channels) + self.in_spatial)
+            w = blobs[0].astype(x.dtype)
+            y = self._forward(x4, w)
+            if self.bias_term:
+                b = blobs[1].astype(x.dtype)
+                y = y + b.reshape((1, self.num_output) + (1,) * self.num_spatial)
+            tops.append(y.reshape(tuple(lead) + (self.num_output,) + self.out_spatial))
+        return tops
+
+
+@register("Convolution")
+class Convolution(_BaseConvolution):
+    """Caffe's ConvolutionLayer (cross-correlation, like Caffe):
+
+    ``top[n, o, y] = bias[o] + sum_{c in group(o), k} weight[o, c, k] * xpad[n, c, y*s + k*d]``
+
+    (s = stride, d = dilation)
+    with the input zero-padded by ``pad`` on both sides of each spatial axis. Weight blob
+    ``[num_output, channels/group, *kernel]``, bias ``[num_output]``. Each spatial output size
+    rounds down: ``(in + 2*pad - (dilation*(k-1)+1)) // stride + 1``. Several bottoms share the
+    weights, one top each. Axes before ``axis`` are batch axes; any number of spatial axes.
+    """
+
+    def _output_spatial(self):
+        return tuple((n + 2 * self.pad[i] - self._extent(i)) // self.stride[i] + 1
+                     for i, n in enumerate(self.in_spatial))
+
+    def _forward(self, x, w):
+        if self.impl == "xla":
+            return lax.conv_general_dilated(
+                x, w, self.stride, [(q, q) for q in self.pad], rhs_dilation=self.dilation,
+                feature_group_count=self.group, precision=PRECISION)
+        return self._im2col(x, w)
+
+    def _im2col(self, x, w):
+        n, c = x.shape[:2]
+        g, o = self.group, self.num_output
+        if any(self.pad):
+            x = lax.pad(x, jnp.zeros((), x.dtype),
+                        [(0, 0, 0)] * 2 + [(q, q, 0) for q in self.pad])
+        pieces = _window_slices(x, self.kernel, self.stride, self.dilation, self.out_spatial)
+        kk = len(pieces)
+        p = count(self.out_spatial)
+        # Column rows in the weight's (channel, *kernel) order.
+        cols = pieces[0] if kk == 1 else jnp.stack(pieces, axis=2)
+        kdim = c // g * kk
+        if g == 1:
+            y = lax.dot_general(w.reshape(o, kdim), cols.reshape(n, kdim, p),
+                                (((1,), (1,)), ((), ())), precision=PRECISION)  # [O, N, P]
+            y = jnp.transpose(y, (1, 0, 2))
+        else:
+            y = lax.dot_general(w.reshape(g, o // g, kdim), cols.reshape(n, g, kdim, p),
+                                (((2,), (2,)), ((0,), (1,))), precision=PRECISION)  # [G, O/G, N, P]
+            y = jnp.transpose(y, (2, 0, 1, 3))
+        return y.reshape((n, o) + self.out_spatial)
+
+
+@register("Deconvolution")
+class Deconvolution(_BaseConvolution):
+    """Caffe's DeconvolutionLayer, the transpose of Convolution (its backward-data pass):
+
+    ``top[n, o, y*stride + k*dilation - pad] += weight[c, o, k] * x[n, c, y]`` for c in o's group,
+
+    plus ``bias[o]``. Weight blob ``[channels, num_output/group, *kernel]`` (input channels
+    first, the reverse of Convolution), bias ``[num_output]``. Each spatial output size is
+    ``stride*(in-1) + dilation*(k-1)+1 - 2*pad``.
+    """
+
+    reverse = True
+
+    def _output_spatial(self):
+        return tuple(self.stride[i] * (n - 1) + self._extent(i) - 2 * self.pad[i]
+                     for i, n in enumerate(self.in_spatial))
+
+    def _forward(self, x, w):
+        if self.impl == "xla":
+            return self._xla(x, w)
+        return self._col2im(x, w)
+
+    def _xla(self, x, w):
+        g, c, o, nsp = self.group, self.channels, self.num_output, self.num_spatial
+        # As a convolution over the stride-dilated input: per group, swap the weight's in/out
+        # channels and flip it spatially.
+        wc = w.reshape((g, c // g, o // g) + self.kernel)
+        wc = jnp.swapaxes(wc, 1, 2).reshape((o, c // g) + self.kernel)
+        wc = jnp.flip(wc, axis=tuple(range(2, 2 + nsp)))
+        pads = [(self._extent(i) - 1 - self.pad[i],) * 2 for i in range(nsp)]
+        return lax.conv_general_dilated(
+            x, wc, (1,) * nsp, pads, lhs_dilation=self.stride, rhs_dilation=self.dilation,
+            feature_group_count=g, precision=PRECISION)
+
+    def _col2im(self, x, w):
+        n, c = x.shape[:2]
+        g, o, nsp = self.group, self.num_output, self.num_spatial
+        offs = _offsets(self.kernel)
+        kk = len(offs)
+        p = count(self.in_spatial)
+        cols = lax.dot_general(w.reshape(g, c // g, o // g * kk), x.reshape(n, g, c // g, p),
+                               (((1,), (2,)), ((0,), (1,))), precision=PRECISION)
+        # [G, O/G*kk, N, P] -> [N, O, kk, *in_spatial]
+        cols = jnp.transpose(cols.reshape(g, o // g, kk, n, p), (3, 0, 1, 2, 4))
+        cols = cols.reshape((n, o, kk) + self.in_spatial)
+        zero = jnp.zeros((), x.dtype)
+        out = None
+        for j, off in enumerate(offs):
+            # Scatter this offset's column into the output: stride-1 zeros between inputs,
+            # shifted by k*dilation - pad (negative edge padding crops).
+            cfg = [(0, 0, 0), (0, 0, 0)]
+            for i in range(nsp):
+                lo = off[i] * self.dilation[i] - self.pad[i]
+                hi = self.out_spatial[i] - 1 - (lo + self.stride[i] * (self.in_spatial[i] - 1))
+                cfg.append((lo, hi, self.stride[i] - 1))
+            part = lax.pad(cols[:, :, j], zero, cfg)
+            out = part if out is None else out + part
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# Pooling
+# ------------------------------------------------------------------------------------------
+
+_PP = caffe_pb2.PoolingParameter
+
+
+@register("Pooling")
+class Pooling(Layer):
+    """Caffe's PoolingLayer on [N, C, H, W] bottoms.
+
+    Window (ph, pw) starts at ``ph*stride - pad`` and spans ``kernel``; output size
+    ``round((H + 2*pad - kernel) / stride) + 1`` with round_mode CEIL (default) or FLOOR; with
+    padding a last window starting at or beyond ``H + pad`` is dropped.
+
+    * MAX: the maximum over the window clipped to the image (padding never wins). The gradient
+      goes to one element per window, the first maximum in row-major order, as in Caffe (ties
+      included). An optional second top is Caffe's argmax mask: float ``h*W + w`` in the
+      unpadded input.
+    * AVE: the sum over the window clipped to the image, divided by the window's area clipped
+      to ``[-pad, H + pad)`` (padding counts, the CEIL overhang beyond ``H + pad`` does not).
+    * STOCHASTIC (Caffe's GPU-only method; no padding allowed): in training (``ctx.train``) each
+      window samples one element with probability proportional to its value (inputs are
+      expected nonnegative) and passes gradient to it; in testing the output is the
+      probability-weighted average ``sum(x^2) / sum(x)`` (0 when the sum is not positive).
+
+    ``global_pooling``: kernel = input size, no kernel_size, pad 0, stride 1. Configurations
+    in which a window lies entirely outside the input (stride > kernel without padding, where
+    Caffe reads out of bounds) are rejected.
+    """
+
+    exact_bottoms = 1
+    min_tops = 1
+    max_tops = 2
+
+    def setup(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        p = self.param.pooling_param
+        shape = bottom_shapes[0]
+        if len(shape) != 4:
+            raise self.shape_error(f"needs a 4-axis (num, channels, height, width) bottom, "
+                                   f"got {len(shape)} axes")
+        self.pool = p.pool
+        if self.pool not in (_PP.MAX, _PP.AVE, _PP.STOCHASTIC):
+            raise self.error(f"unknown pooling method {self.pool}")
+        self.method = _PP.PoolMethod.Name(self.pool)
+        n, c, h, w = shape
+        self.global_pooling = bool(p.global_pooling)
+        has_k = p.HasField("kernel_size")
+        has_kh, has_kw = p.HasField("kernel_h"), p.HasField("kernel_w")
+        if self.global_pooling:
+            if has_k or has_kh or has_kw:
+                raise self.error("global_pooling takes the kernel from the input; do not give "
+                                 "kernel_size / kernel_h / kernel_w")
+            kernel = (h, w)
+        else:
+            if has_k and (has_kh or has_kw):
+                raise self.error("give either kernel_size or kernel_h and kernel_w, not both")
+            if not has_k and not (has_kh and has_kw):
+                raise self.error("kernel_size (or both kernel_h and kernel_w) is required")
+            kernel = ((p.kernel_size, p.kernel_size) if has_k else (p.kernel_h, p.kernel_w))
+        if p.HasField("pad") and (p.HasField("pad_h") or p.HasField("pad_w")):
+            raise self.error("give either pad or pad_h and pad_w, not both")
+        if p.HasField("pad_h") != p.HasField("pad_w"):
+            raise self.error("pad_h and pad_w must be given together")
+        if p.HasField("stride") and (p.HasField("stride_h") or p.HasField("stride_w")):
+            raise self.error("give either stride or stride_h and stride_w, not both")
+        if p.HasField("stride_h") != p.HasField("stride_w"):
+            raise self.error("stride_h and stride_w must be given together")
+        pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad, p.pad)
+        stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
+        self.kernel = tuple(int(k) for k in kernel)
+        self.pad = tuple(int(q) for q in pad)
+        self.stride = tuple(int(s) for s in stride)
+        if any(k <= 0 for k in self.kernel):
+            raise self.error(f"kernel size must be positive, got {list(self.kernel)}")
+        if any(s <= 0 for s in self.stride):
+            raise self.error(f"stride must be positive, got {list(self.stride)}")
+        if self.global_pooling and (any(self.pad) or self.stride != (1, 1)):
+            raise self.error("global_pooling allows only pad 0 and stride 1")
+        if any(self.pad):
+            if self.pool == _PP.STOCHASTIC:
+                raise self.error("padding is implemented only for MAX and AVE pooling")
+            if self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]:
+                raise self.error(f"pad {list(self.pad)} must be smaller than the kernel "
+                                 f"{list(self.kernel)}")
+        if len(self.top_names) == 2 and self.pool != _PP.MAX:
+            raise self.error(f"{self.method} pooling has one top; only MAX pooling can output "
+                             f"a second (mask) top")
+
+        ceil = p.round_mode == _PP.CEIL
+        self.in_size = (h, w)
+        out = []
+        for i, name in enumerate(("height", "width")):
+            span = self.in_size[i] + 2 * self.pad[i] - self.kernel[i]
+            o = (-(-span // self.stride[i]) if ceil else span // self.stride[i]) + 1
+            if self.pad[i] and (o - 1) * self.stride[i] >= self.in_size[i] + self.pad[i]:
+                o -= 1
+            if o <= 0:
+                raise self.shape_error(f"kernel {self.kernel[i]} is larger than the padded input "
+                                       f"{name} {self.in_size[i] + 2 * self.pad[i]}")
+            if (o - 1) * self.stride[i] - self.pad[i] >= self.in_size[i]:
+                raise self.shape_error(
+                    f"the last pooling window along the {name} starts at "
+                    f"{(o - 1) * self.stride[i] - self.pad[i]}, outside the input of size "
+                    f"{self.in_size[i]} (stride {self.stride[i]} > kernel {self.kernel[i]}); "
+                    f"use round_mode: FLOOR or a smaller stride")
+            out.append(o)
+        self.out_size = tuple(out)
+        if self.pool == _PP.STOCHASTIC:
+            self.needs_key = True
+        try:
+            self.impl = resolve_pool_impl()
+        except NetError as e:
+            raise self.error(str(e)) from None
+        top = (n, c) + self.out_size
+        return [top] * len(self.top_names)
+
+    # -- static window geometry ---------------------------------------------------------------
+    def _starts(self, i):
+        return np.arange(self.out_size[i]) * self.stride[i] - self.pad[i]
+
+    def _high_pad(self, i):
+        """Padding after the input so that every (CEIL-overhanging) window fits."""
+        need = (self.out_size[i] - 1) * self.stride[i] + self.kernel[i]
+        return max(0, need - self.in_size[i] - self.pad[i])
+
+    def _padded(self, x, value):
+        cfg = [(0, 0, 0), (0, 0, 0)] + [(self.pad[i], self._high_pad(i), 0) for i in range(2)]
+        if not any(lo or hi for lo, hi, _ in cfg):
+            return x
+        return lax.pad(x, jnp.asarray(value, x.dtype), cfg)
+
+    def _is_tiled(self):
+        """Windows tile the input exactly: kernel == stride, no padding, sizes divide."""
+        return (self.kernel == self.stride and not any(self.pad)
+                and all(self.in_size[i] == self.out_size[i] * self.kernel[i] for i in range(2)))
+
+    def _is_global(self):
+        return self.out_size == (1, 1) and self.kernel == self.in_size and not any(self.pad)
+
+    def _pieces(self, x, value):
+        """One [N, C, PH, PW] array per window offset, in Caffe's row-major window order."""
+        if self._is_tiled():
+            n, c = x.shape[:2]
+            (kh, kw), (ph, pw) = self.kernel, self.out_size
+            x6 = x.reshape(n, c, ph, kh, pw, kw)
+            return [x6[:, :, :, i, :, j] for i in range(kh) for j in range(kw)]
+        return _window_slices(self._padded(x, value), self.kernel, self.stride, (1, 1),
+                              self.out_size)
+
+    def _divisor(self, dtype):
+        """Caffe's AVE pool_size per output: the window clipped to [-pad, size + pad)."""
+        sizes = []
+        for i in range(2):
+            start = self._starts(i)
+            end = np.minimum(start + self.kernel[i], self.in_size[i] + self.pad[i])
+            sizes.append(end - start)
+        return jnp.asarray(np.outer(sizes[0], sizes[1]).reshape((1, 1) + self.out_size), dtype)
+
+    def _mask_index(self, dh, dw, dtype):
+        """Input index h*W + w that window offset (dh, dw) reads, per output position."""
+        hs = self._starts(0) + dh
+        ws = self._starts(1) + dw
+        idx = hs.reshape(-1, 1) * self.in_size[1] + ws.reshape(1, -1)
+        return jnp.asarray(idx.reshape((1, 1) + self.out_size), dtype)
+
+    # -- forward ----------------------------------------------------------------------------
+    def apply(self, blobs, bottoms, ctx):
+        x = bottoms[0]
+        if self.pool == _PP.MAX:
+            return self._max(x, want_mask=len(self.top_names) == 2)
+        if self.pool == _PP.AVE:
+            return [self._ave(x)]
+        return [self._stochastic(x, ctx)]
+
+    def _max(self, x, want_mask):
+        n, c = x.shape[:2]
+        if self._is_global():
+            flat = x.reshape(n, c, -1)
+            # argmax returns the first maximum, Caffe's strict-'>' scan order.
+            arg = jnp.argmax(flat, axis=2, keepdims=True)
+            top = jnp.take_along_axis(flat, arg, axis=2).reshape(n, c, 1, 1)
+            tops = [top]
+            if want_mask:
+                tops.append(lax.stop_gradient(arg.astype(x.dtype).reshape(n, c, 1, 1)))
+            return tops
+        if self.impl == "reduce_window" and not want_mask:
+            xp = self._padded(x, -jnp.inf)
+            # A numpy init value keeps this the differentiable max-window primitive under jit.
+            top = lax.reduce_window(xp, np.array(-np.inf, x.dtype), lax.max,
+                                    (1, 1) + self.kernel, (1, 1) + self.stride, "VALID")
+            return [top]
+        pieces = self._pieces(x, -jnp.inf)
+        offs = _offsets(self.kernel)
+        best = pieces[0]
+        mask = None
+        if want_mask:
+            mask = jnp.broadcast_to(self._mask_index(*offs[0], x.dtype), best.shape)
+        for (dh, dw), piece in zip(offs[1:], pieces[1:]):
+            # Strict '>': an equal later value does not replace the first maximum (Caffe), and
+            # jnp.where sends the gradient to the kept element only.
+            take = piece > best
+            best = jnp.where(take, piece, best)
+            if want_mask:
+                mask = jnp.where(take, self._mask_index(dh, dw, x.dtype), mask)
+        tops = [best]
+        if want_mask:
+            tops.append(lax.stop_gradient(mask))
+        return tops
+
+    def _ave(self, x):
+        n, c = x.shape[:2]
+        if self._is_global():
+            return jnp.sum(x, axis=(2, 3), keepdims=True) / float(self.kernel[0] * self.kernel[1])
+        if self.impl == "reduce_window":
+            total = lax.reduce_window(self._padded(x, 0), np.array(0, x.dtype), lax.add,
+                                      (1, 1) + self.kernel, (1, 1) + self.stride, "VALID")
+        else:
+            pieces = self._pieces(x, 0)
+            total = pieces[0]
+            for piece in pieces[1:]:
+                total = total + piece
+        if self._is_tiled():
+            return total / float(self.kernel[0] * self.kernel[1])
+        return total / self._divisor(x.dtype)
+
+    def _stochastic(self, x, ctx):
+        # No padding for STOCHASTIC: the zero fill only covers the CEIL overhang, and zeros
+        # change neither the sums nor (placed after real elements) which element is sampled.
+        pieces = self._pieces(x, 0)
+        if not ctx.train:
+            total = pieces[0]
+            squares = pieces[0] * pieces[0]
+            for piece in pieces[1:]:
+                total = total + piece
+                squares = squares + piece * piece
+            positive = total > 0
+            return jnp.where(positive, squares / jnp.where(positive, total, 1), 0)
+        key = ctx.require_key(self)
+        stacked = jnp.stack(pieces, axis=0)
+        data = lax.stop_gradient(stacked)
+        running, cums = jnp.zeros_like(data[0]), []
+        for piece in data:
+            running = running + piece
+            cums.append(running)
+        cum = jnp.stack(cums, axis=0)
+        # Caffe draws u in (0, 1] and takes the first element whose running sum reaches u*sum.
+        u = 1 - jax.random.uniform(key, data.shape[1:], x.dtype)
+        hit = cum >= (u * cums[-1]).reshape((1,) + data.shape[1:])
+        choice = jnp.argmax(hit, axis=0, keepdims=True)
+        return jnp.take_along_axis(stacked, choice, axis=0)[0]
+
+
+# ------------------------------------------------------------------------------------------
+# LRN
+# ------------------------------------------------------------------------------------------
+
+_LRN = caffe_pb2.LRNParameter
+
+
+@register("LRN")
+class LRN(Layer):
+    """Caffe's LRNLayer (local response normalization) on [N, C, H, W] bottoms.
+
+    * ACROSS_CHANNELS: ``y = x * (k + alpha/local_size * sum_{c'} x[c']^2)^(-beta)`` over the
+      ``local_size`` channels centred on c, zero-padded at the channel ends.
+    * WITHIN_CHANNEL: ``y = x * (1 + alpha * avg)^(-beta)`` where ``avg`` is Caffe's AVE
+      pooling of x^2 over a local_size x local_size window with pad (local_size-1)/2, stride 1.
+      With that geometry every window's Caffe divisor (padding counted) is local_size^2, so
+      ``avg = (zero-padded window sum of x^2) / local_size^2``. ``k`` is unused, as in Caffe.
+
+    ``local_size`` must be odd.
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def setup(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        p = self.param.lrn_param
+        shape = bottom_shapes[0]
+        if len(shape) != 4:
+            raise self.shape_error(f"needs a 4-axis (num, channels, height, width) bottom, "
+                                   f"got {len(shape)} axes")
+        self.size = int(p.local_size)
+        if self.size % 2 != 1:
+            raise self.error(f"local_size must be odd, got {self.size}")
+        self.pre_pad = (self.size - 1) // 2
+        self.alpha = float(p.alpha)
+        self.beta = float(p.beta)
+        self.k = float(p.k)
+        self.region = p.norm_region
+        if self.region not in (_LRN.ACROSS_CHANNELS, _LRN.WITHIN_CHANNEL):
+            raise self.error(f"unknown norm_region {self.region}")
+        return [shape]
+
+    def _window_sum(self, sq, axis):
+        """Zero-padded sum of local_size neighbours along ``axis``."""
+        if self.size == 1:
+            return sq
+        cfg = [(0, 0, 0)] * 4
+        cfg[axis] = (self.pre_pad, self.pre_pad, 0)
+        padded = lax.pad(sq, jnp.zeros((), sq.dtype), cfg)
+        n = sq.shape[axis]
+        total = None
+        for j in range(self.size):
+            part = lax.slice_in_dim(padded, j, j + n, axis=axis)
+            total = part if total is None else total + part
+        return total
+
+    def apply(self, blobs, bottoms, ctx):
+        x = bottoms[0]
+        sq = x * x
+        if self.region == _LRN.ACROSS_CHANNELS:
+            scale = self.k + (self.alpha / self.size) * self._window_sum(sq, 1)
+        else:
+            avg = self._window_sum(self._window_sum(sq, 2), 3) / float(self.size * self.size)
+            scale = 1.0 + self.alpha * avg
+        return [x * jnp.power(scale, -self.beta)]
