@@ -1,0 +1,1 @@
+"""Peer implementations of jcaffe's benchmark nets in other frameworks (optional extras)."""
