@@ -71,7 +71,8 @@ class Net:
 
     def __init__(self, net_param: caffe_pb2.NetParameter | str | os.PathLike,
                  phase: str | int = "TRAIN", level: int = 0, stages: Sequence[str] = (),
-                 *, state: caffe_pb2.NetState | None = None, verbose: bool = True):
+                 *, state: caffe_pb2.NetState | None = None, layout: str = "auto",
+                 verbose: bool = True):
         """Builds the net for ``phase``/``level``/``stages`` (Caffe's ``Net(file, phase, level,
         stages)``), or for an explicit, already merged ``state`` (as the solver builds it)."""
         from jcaffe import netstate, prototxt, upgrade
@@ -90,6 +91,7 @@ class Net:
         self.name = self.net_param.name
         self._verbose = verbose
         self._build()
+        self.layout = _choose_layout(layout)
 
     # -- construction -----------------------------------------------------------------------
     def _info(self, msg: str, *args) -> None:
@@ -213,12 +215,16 @@ class Net:
         train = (self.phase == caffe_pb2.TRAIN) if train is None else train
         inputs = inputs or {}
         blobs: dict[str, jax.Array] = {}
+        # Blobs held channels-last inside the program (see ``layout``); every interface,
+        # including the returned dict, stays Caffe's NCHW.
+        nhwc: set[str] = set()
         new_params = dict(params) if mutable else None
         frozen_set = ({(p.layer, p.index) for p in self.params_info if p.lr_mult == 0}
                       if frozen else set())
         for i, layer in enumerate(self.layers):
             lkey = jax.random.fold_in(key, i) if (key is not None and layer.needs_key) else None
             ctx = Context(train=train, key=lkey)
+            channels_last = False
             if layer.is_data:
                 try:
                     bottoms = [inputs[t] for t, _, _ in layer.input_specs()]
@@ -226,7 +232,15 @@ class Net:
                     raise NetError(f"layer '{layer.name}' (type {layer.type}): no input fed for "
                                    f"top {e.args[0]!r} (inputs given: {sorted(inputs)})") from None
             else:
-                bottoms = [blobs[b] for b in layer.bottom_names]
+                names = layer.bottom_names
+                if self.layout == "NHWC" and layer.nhwc_ok:
+                    channels_last = True
+                    bottoms = [blobs[b] if b in nhwc else _to_nhwc(blobs[b]) for b in names]
+                elif layer.layout_agnostic and names and all(b in nhwc for b in names):
+                    channels_last = True
+                    bottoms = [blobs[b] for b in names]
+                else:
+                    bottoms = [_to_nchw(blobs[b]) if b in nhwc else blobs[b] for b in names]
                 pd = layer.param.propagate_down
                 if len(pd):
                     bottoms = [b if pd[k] else jax.lax.stop_gradient(b)
@@ -235,7 +249,10 @@ class Net:
             if frozen_set:
                 lblobs = [jax.lax.stop_gradient(b) if src in frozen_set else b
                           for b, src in zip(lblobs, self._blob_source[layer.name])]
-            out = layer.apply(lblobs, bottoms, ctx)
+            if channels_last and not layer.layout_agnostic:
+                out = layer.apply_nhwc(lblobs, bottoms, ctx)
+            else:
+                out = layer.apply(lblobs, bottoms, ctx)
             if layer.stateful:
                 out, updated = out
                 if mutable:
@@ -244,6 +261,13 @@ class Net:
                                               for j, (u, src) in enumerate(zip(updated, owned))]
             for t, v in zip(layer.top_names, out):
                 blobs[t] = v
+                if channels_last and v.ndim == 4:
+                    nhwc.add(t)
+                else:
+                    nhwc.discard(t)
+        if nhwc:
+            # Under jit, conversions of blobs nobody reads are dead code and vanish.
+            blobs = {k: _to_nchw(v) if k in nhwc else v for k, v in blobs.items()}
         return (blobs, new_params) if mutable else blobs
 
     def loss(self, params, inputs=None, *, train: bool | None = None, key=None,
@@ -316,6 +340,30 @@ class Net:
 
     def __repr__(self) -> str:
         return f"<Net {self.name!r} phase={self.phase} layers={len(self.layers)}>"
+
+
+def _to_nhwc(x):
+    return jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
+
+
+def _to_nchw(x):
+    return jnp.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
+
+
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def _choose_layout(layout: str) -> str:
+    """The internal layout of 4-axis blobs: ``auto`` is channels-last on the CPU backend, where
+    im2col GEMMs prefer it, and NCHW elsewhere; ``JCAFFE_LAYOUT`` overrides ``auto``."""
+    if layout == "auto":
+        layout = os.environ.get("JCAFFE_LAYOUT", "auto").upper()
+    if layout == "AUTO":
+        layout = "NHWC" if jax.default_backend() == "cpu" else "NCHW"
+    if layout not in LAYOUTS:
+        raise NetError(f"unknown internal layout {layout!r}: use one of {', '.join(LAYOUTS)} "
+                       f"or auto")
+    return layout
 
 
 def _legacy_equal(found, expected) -> bool:

@@ -247,3 +247,43 @@ def test_truncated_caffemodel(mlp, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError, match="m.caffemodel"):
         caffemodel.load_caffemodel(str(path))
+
+
+LAYOUT_NET = """
+layer { name: "input" type: "Input" top: "x" input_param { shape { dim: 2 dim: 4 dim: 11 dim: 11 } } }
+layer { name: "c1" type: "Convolution" bottom: "x" top: "c1"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 stride: 2 group: 2
+                            weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "p1" type: "Pooling" bottom: "c1" top: "p1" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "c2" type: "Convolution" bottom: "p1" top: "c2"
+        convolution_param { num_output: 4 kernel_size: 2 dilation: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "p2" type: "Pooling" bottom: "c2" top: "p2" pooling_param { pool: AVE kernel_size: 2 stride: 1 } }
+layer { name: "t" type: "TanH" bottom: "p2" top: "t" }
+layer { name: "p3" type: "Pooling" bottom: "t" top: "p3" pooling_param { pool: MAX global_pooling: true } }
+layer { name: "ip" type: "InnerProduct" bottom: "p2" top: "ip" inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+"""
+
+
+def test_channels_last_layout_matches_nchw():
+    """The NHWC internal layout (CPU default) gives Caffe's NCHW results and gradients."""
+    from jcaffe.layers import vision
+    with vision.conv_impl("im2col"):
+        a = Net(parse(LAYOUT_NET), "TEST", layout="NHWC", verbose=False)
+        b = Net(parse(LAYOUT_NET), "TEST", layout="NCHW", verbose=False)
+    assert a.layout == "NHWC" and b.layout == "NCHW"
+    assert any(l.nhwc_ok for l in a.layers)
+    params = a.init(jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 11, 11)), jnp.float32)
+    ba, bb = jax.jit(a.apply)(params, {"x": x}), jax.jit(b.apply)(params, {"x": x})
+    for name in bb:
+        assert ba[name].shape == bb[name].shape, name
+        np.testing.assert_allclose(ba[name], bb[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    def objective(net):
+        return lambda p: sum(jnp.sum(v * v) for k, v in net.apply(p, {"x": x}).items()
+                             if k in ("ip", "p3"))
+    ga, gb = jax.grad(objective(a))(params), jax.grad(objective(b))(params)
+    for name in gb:
+        for u, v in zip(ga[name], gb[name]):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()), err_msg=name)

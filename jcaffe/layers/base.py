@@ -110,6 +110,12 @@ class Layer:
     stateful: ClassVar[bool] = False
     # Tops come from arrays fed by the host (Input, Data, ...): see ``input_specs``.
     is_data: ClassVar[bool] = False
+    # Internal layout (the Net decides; Caffe's semantics stay NCHW at every interface):
+    # ``nhwc_ok``: ``apply_nhwc`` computes the same tops from channels-last 4-axis bottoms
+    # (faster GEMM shapes for im2col on CPU); ``layout_agnostic``: elementwise, so ``apply``
+    # works unchanged on either layout.
+    nhwc_ok: bool = False
+    layout_agnostic: ClassVar[bool] = False
 
     def __init__(self, param: caffe_pb2.LayerParameter, bottom_shapes: Sequence[Shape],
                  phase: int = caffe_pb2.TRAIN):
@@ -139,6 +145,10 @@ class Layer:
         return [jnp.zeros(s, jnp.float32) for s in self.blob_shapes]
 
     def apply(self, blobs: list[jax.Array], bottoms: list[jax.Array], ctx: Context) -> Any:
+        raise NotImplementedError
+
+    def apply_nhwc(self, blobs: list[jax.Array], bottoms: list[jax.Array], ctx: Context) -> Any:
+        """``apply`` on [N, H, W, C] bottoms, returning [N, H, W, C] tops (if ``nhwc_ok``)."""
         raise NotImplementedError
 
     def input_specs(self) -> list[tuple[str, Shape, Any]]:

@@ -23,6 +23,8 @@ class NeuronLayer(Layer):
 
     exact_bottoms = 1
     exact_tops = 1
+    # Element-wise with no per-channel parameters: the same on any internal layout.
+    layout_agnostic = True
 
     def setup(self, bottom_shapes: list[Shape]) -> list[Shape]:
         self.read_params(bottom_shapes[0])
@@ -65,6 +67,8 @@ class PReLULayer(NeuronLayer):
     slope when ``channel_shared``. Blob 0 holds the slopes: ``[C]``, or a 0-axis ``[]`` when shared;
     Caffe's default filler is constant 0.25. The slope gradient is ``x`` where ``x <= 0``.
     """
+
+    layout_agnostic = False  # its slopes run along the channel axis
 
     def read_params(self, shape):
         if len(shape) < 2:
@@ -275,6 +279,8 @@ class DropoutLayer(NeuronLayer):
     """Training: ``y = x * mask / (1 - dropout_ratio)`` with ``mask ~ Bernoulli(1 -
     dropout_ratio)`` drawn from the context key; otherwise the identity (Caffe's inverted
     dropout, so nothing is rescaled at test time)."""
+
+    layout_agnostic = False  # the mask is drawn in NCHW order, so the key means one mask
 
     needs_key = True
 

@@ -178,6 +178,10 @@ class _BaseConvolution(Layer):
             self.impl = resolve_conv_impl()
         except NetError as e:
             raise self.error(str(e)) from None
+        # Channels-last im2col turns each convolution into one [N*P, K] x [K, O] GEMM with
+        # contiguous rows (2-3x faster on CPU than the channels-first column layout).
+        self.nhwc_ok = (self.impl == "im2col" and not self.reverse and self.axis == 1
+                        and self.num_spatial == 2 and len(shape) == 4)
         top = tuple(shape[:self.axis]) + (self.num_output,) + self.out_spatial
         return [top] * len(bottom_shapes)
 
@@ -290,6 +294,43 @@ class Convolution(_BaseConvolution):
                                 (((2,), (2,)), ((0,), (1,))), precision=PRECISION)  # [G, O/G, N, P]
             y = jnp.transpose(y, (2, 0, 1, 3))
         return y.reshape((n, o) + self.out_spatial)
+
+
+    def apply_nhwc(self, blobs, bottoms, ctx):
+        """The same convolution on [N, H, W, C] bottoms: columns ``[N*OH*OW, kh*kw*C/g]``
+        (kernel offset major, channel minor) times the weight as ``[kh*kw*C/g, O/g]``."""
+        w = blobs[0]
+        g, o = self.group, self.num_output
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        (oh, ow) = self.out_spatial
+        tops = []
+        for x in bottoms:
+            n, _, _, c = x.shape
+            wx = w.astype(x.dtype)
+            if any(self.pad):
+                x = lax.pad(x, jnp.zeros((), x.dtype),
+                            [(0, 0, 0)] + [(q, q, 0) for q in self.pad] + [(0, 0, 0)])
+            pieces = [lax.slice(x, (0, i * dh, j * dw, 0),
+                                (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c),
+                                (1, sh, sw, 1))
+                      for i in range(kh) for j in range(kw)]
+            cols = pieces[0] if len(pieces) == 1 else jnp.stack(pieces, axis=3)
+            kk, cg, og = kh * kw, c // g, o // g
+            if g == 1:
+                wm = jnp.transpose(wx, (2, 3, 1, 0)).reshape(kk * c, o)
+                y = lax.dot(cols.reshape(n * oh * ow, kk * c), wm, precision=PRECISION)
+            else:
+                cols = jnp.transpose(cols.reshape(n * oh * ow, kk, g, cg), (2, 0, 1, 3))
+                wm = jnp.transpose(wx.reshape(g, og, cg, kh, kw), (0, 3, 4, 2, 1))
+                y = lax.dot_general(cols.reshape(g, n * oh * ow, kk * cg),
+                                    wm.reshape(g, kk * cg, og), (((2,), (1,)), ((0,), (0,))),
+                                    precision=PRECISION)  # [G, N*P, O/G]
+                y = jnp.transpose(y, (1, 0, 2))
+            y = y.reshape(n, oh, ow, o)
+            if self.bias_term:
+                y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
+            tops.append(y)
+        return tops
 
 
 @register("Deconvolution")
@@ -466,6 +507,7 @@ class Pooling(Layer):
             self.impl = resolve_pool_impl()
         except NetError as e:
             raise self.error(str(e)) from None
+        self.nhwc_ok = self.pool in (_PP.MAX, _PP.AVE) and len(self.top_names) == 1
         top = (n, c) + self.out_size
         return [top] * len(self.top_names)
 
@@ -577,6 +619,50 @@ class Pooling(Layer):
         if self._is_tiled():
             return total / float(self.kernel[0] * self.kernel[1])
         return total / self._divisor(x.dtype)
+
+    def apply_nhwc(self, blobs, bottoms, ctx):
+        """MAX / AVE pooling of [N, H, W, C] bottoms, the same windows as ``apply``."""
+        x = bottoms[0]
+        n, h, w, c = x.shape
+        (kh, kw), (ph, pw) = self.kernel, self.out_size
+        is_max = self.pool == _PP.MAX
+        if self._is_global():
+            flat = x.reshape(n, h * w, c)
+            if is_max:
+                arg = jnp.argmax(flat, axis=1, keepdims=True)  # the first maximum, as Caffe
+                return [jnp.take_along_axis(flat, arg, axis=1).reshape(n, 1, 1, c)]
+            return [jnp.sum(flat, axis=1).reshape(n, 1, 1, c) / float(kh * kw)]
+        if self._is_tiled():
+            x6 = x.reshape(n, ph, kh, pw, kw, c)
+            if is_max:
+                # One reduction, not a chain of selects: fused into the neighbouring GEMMs'
+                # im2col the chain costs ~2x the whole step on CPU. Its gradient splits exact
+                # ties between the tied elements (Caffe gives all to the first): only exact
+                # ties of the maximum can tell them apart.
+                return [jnp.max(x6, axis=(2, 4))]
+            return [jnp.sum(x6, axis=(2, 4)) / float(kh * kw)]
+        else:
+            fill = -jnp.inf if is_max else 0
+            cfg = [(0, 0, 0)] + [(self.pad[i], self._high_pad(i), 0) for i in range(2)] + \
+                [(0, 0, 0)]
+            if any(lo or hi for lo, hi, _ in cfg):
+                x = lax.pad(x, jnp.asarray(fill, x.dtype), cfg)
+            (sh, sw) = self.stride
+            pieces = [lax.slice(x, (0, i, j, 0), (n, i + sh * (ph - 1) + 1,
+                                                  j + sw * (pw - 1) + 1, c), (1, sh, sw, 1))
+                      for i in range(kh) for j in range(kw)]
+        if is_max:
+            best = pieces[0]
+            for piece in pieces[1:]:
+                best = jnp.where(piece > best, piece, best)  # strict: the first max keeps it
+            return [best]
+        total = pieces[0]
+        for piece in pieces[1:]:
+            total = total + piece
+        if self._is_tiled():
+            return [total / float(kh * kw)]
+        div = self._divisor(x.dtype).reshape(1, ph, pw, 1)
+        return [total / div]
 
     def _stochastic(self, x, ctx):
         # No padding for STOCHASTIC: the zero fill only covers the CEIL overhang, and zeros
