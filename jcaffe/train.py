@@ -319,31 +319,39 @@ class Trainer:
         return fn
 
     def test(self, i: int = 0) -> dict[str, np.ndarray]:
-        """Caffe's Solver::Test: mean of each output over test_iter batches (logged)."""
+        """Caffe's Solver::Test: the mean of each output of test net ``i`` over test_iter
+        batches (not logged; ``test_all`` logs)."""
+        return self._test_means(i, self._dispatch_test(i))
+
+    def _dispatch_test(self, i: int):
+        """Queues test net ``i``'s pass on the device; returns the (unsynchronised) sums."""
         self._setup_feeds()
         n = int(self.sp.test_iter[i])
         feed = self._feeds[i]
-        b0 = self.tests_done_for(i) * n
+        b0 = self.tests_done * n  # Caffe's test reader continues where the last test stopped
         with jax.default_device(self.device):
             if feed.on_device:
-                total = self._test_fn(i, n)(self.params, feed.arrays, jnp.int32(b0))
-            else:
-                fn = self._test_fn(i, 1)
-                total = None
-                for j in range(n):
-                    s = fn(self.params, feed.host_batch(b0 + j))
-                    total = s if total is None else jax.tree.map(jnp.add, total, s)
-        means = {k: np.asarray(v) / n for k, v in jax.device_get(total).items()}
-        return means
+                return self._test_fn(i, n)(self.params, feed.arrays, jnp.int32(b0))
+            fn = self._test_fn(i, 1)
+            total = None
+            for j in range(n):
+                s = fn(self.params, feed.host_batch(b0 + j))
+                total = s if total is None else jax.tree.map(jnp.add, total, s)
+            return total
 
-    def tests_done_for(self, i: int) -> int:
-        return self.tests_done
+    def _test_means(self, i: int, total) -> dict[str, np.ndarray]:
+        n = int(self.sp.test_iter[i])
+        return {k: np.asarray(v) / n for k, v in jax.device_get(total).items()}
 
     def test_all(self) -> list[dict[str, np.ndarray]]:
+        return self._log_tests(self.iter, [self._dispatch_test(i)
+                                           for i in range(len(self.test_nets))])
+
+    def _log_tests(self, it: int, totals) -> list[dict[str, np.ndarray]]:
         results = []
-        for i in range(len(self.test_nets)):
-            _log.info("Iteration %d, Testing net (#%d)", self.iter, i)
-            means = self.test(i)
+        for i, total in enumerate(totals):
+            _log.info("Iteration %d, Testing net (#%d)", it, i)
+            means = self._test_means(i, total)
             k = 0
             for name in self.test_nets[i].output_names:
                 w = self.test_nets[i].output_loss_weight(name)
@@ -422,53 +430,51 @@ class Trainer:
                 n = min(n, every - it % every)
         return max(1, n)
 
+    def _test_due(self) -> bool:
+        sp = self.sp
+        return bool(sp.test_interval and self.test_nets and self.iter % sp.test_interval == 0
+                    and (self.iter > 0 or sp.test_initialization))
+
     def solve(self, max_iter: int | None = None) -> dict:
+        """Caffe's Solver::Solve from ``self.iter`` to ``max_iter``; returns the last tests.
+
+        The host runs one chunk behind the device: chunk k+1 (and any test pass) is queued
+        before chunk k's losses are read and logged, so logging never idles the device.
+        """
         sp = self.sp
         stop_iter = sp.max_iter if max_iter is None else max_iter
         _log.info("Solving %s", self.net.name)
         _log.info("Learning Rate Policy: %s", sp.lr_policy)
         self._setup_feeds()
         results: dict = {}
-        t_last, it_last = time.perf_counter(), self.iter
+        self._clock = (time.perf_counter(), self.iter)
+        pending = None
         while self.iter < stop_iter:
-            if (sp.test_interval and self.test_nets and self.iter % sp.test_interval == 0
-                    and (self.iter > 0 or sp.test_initialization)):
-                results["test"] = self.test_all()
-            start = self.iter
-            n = self._chunk(stop_iter)
+            tests = None
+            if self._test_due():
+                tests = (self.iter, [self._dispatch_test(i) for i in range(len(self.test_nets))])
+            start, n = self.iter, self._chunk(stop_iter)
             losses, outputs = self.run_iterations(n)
-            losses = np.asarray(jax.device_get(losses))
-            bad = np.flatnonzero(~np.isfinite(losses))
-            if bad.size:
-                raise SolverError(
-                    f"loss is {losses[bad[0]]} at iteration {start + int(bad[0])}: training "
-                    f"diverged (lower base_lr or set clip_gradients); last good snapshot: "
-                    f"{self.last_snapshot or 'none'}")
-            outputs = jax.device_get(outputs)
-            for j in range(n):
-                it = start + j
-                self.losses.append(float(losses[j]))
-                if sp.display and it % sp.display == 0:
-                    now = time.perf_counter()
-                    dt = now - t_last
-                    rate = (it - it_last) / dt if it > it_last and dt > 0 else 0.0
-                    smoothed = float(np.mean(self.losses))
-                    _log.info("Iteration %d (%.4g iter/s, %.4gs/%d iters), loss = %.6g", it, rate,
-                              dt, sp.display, smoothed)
-                    self._log_train_outputs({k: v[j] for k, v in outputs.items()})
-                    from jcaffe import solver as solver_mod
-                    _log.info("Iteration %d, lr = %.6g", it, solver_mod.learning_rate(sp, it))
-                    t_last, it_last = now, it
-            if sp.snapshot and self.iter % sp.snapshot == 0:
+            if pending:
+                self._finish_chunk(*pending)
+            if tests:
+                results["test"] = self._log_tests(*tests)
+            pending = (start, n, losses, outputs)
+            snapshot_due = sp.snapshot and self.iter % sp.snapshot == 0
+            if snapshot_due or self._requested:
+                self._finish_chunk(*pending)
+                pending = None
+            if snapshot_due:
                 self.snapshot()
             if self._requested:
                 action, self._requested = self._requested, None
-                if action in ("snapshot", "stop"):
-                    if not (sp.snapshot and self.iter % sp.snapshot == 0):
-                        self.snapshot()
+                if action in ("snapshot", "stop") and not snapshot_due:
+                    self.snapshot()
                 if action == "stop":
                     _log.info("Optimization stopped early at iteration %d.", self.iter)
                     return results
+        if pending:
+            self._finish_chunk(*pending)
         if sp.snapshot_after_train and (not sp.snapshot or self.iter % sp.snapshot != 0):
             self.snapshot()
         if sp.display and self.iter % sp.display == 0 and self.iter == stop_iter:
@@ -478,6 +484,36 @@ class Trainer:
             results["test"] = self.test_all()
         _log.info("Optimization Done.")
         return results
+
+    def _finish_chunk(self, start: int, n: int, losses, outputs) -> None:
+        """Reads a finished chunk's losses: divergence check, smoothing, Caffe's display."""
+        from jcaffe import solver as solver_mod
+
+        sp = self.sp
+        losses = np.asarray(jax.device_get(losses))
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            raise SolverError(
+                f"loss is {losses[bad[0]]} at iteration {start + int(bad[0])}: training "
+                f"diverged (lower base_lr or set clip_gradients); last good snapshot: "
+                f"{self.last_snapshot or 'none'}")
+        shown = [j for j in range(n) if sp.display and (start + j) % sp.display == 0]
+        if shown:
+            outputs = jax.device_get(outputs)
+        for j in range(n):
+            it = start + j
+            self.losses.append(float(losses[j]))
+            if j not in shown:
+                continue
+            now = time.perf_counter()
+            t_last, it_last = self._clock
+            dt = now - t_last
+            rate = (it - it_last) / dt if it > it_last and dt > 0 else 0.0
+            _log.info("Iteration %d (%.4g iter/s, %.4gs/%d iters), loss = %.6g", it, rate, dt,
+                      sp.display, float(np.mean(self.losses)))
+            self._log_train_outputs({k: v[j] for k, v in outputs.items()})
+            _log.info("Iteration %d, lr = %.6g", it, solver_mod.learning_rate(sp, it))
+            self._clock = (now, it)
 
     def forward_loss(self) -> float:
         """The train net's loss on the next batch (Caffe's final display after training)."""
