@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from jcaffe import log
-from jcaffe.errors import JcaffeError, SolverError
+from jcaffe.errors import DataError, JcaffeError, SolverError
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
 
@@ -580,6 +580,13 @@ class _NetFeed:
         self.arrays = [f.arrays for f in self.feeders] if self.on_device else None
         self._start = [f.cursor0 if self.on_device else f.position for f in self.feeders]
         self._next = [0] * len(self.feeders)
+        self._label_rules = label_rules(net)
+        if self.on_device:
+            for f, layer, arrays in zip(self.feeders, net.data_layers, self.arrays):
+                for top in f.tops:
+                    if top in self._label_rules:
+                        check_labels(np.asarray(jax.device_get(arrays[top])), 0,
+                                     self._label_rules[top], layer)
 
     def batch_at(self, arrays, batch_index):
         """Batch ``batch_index`` (a traced int) sliced from device-resident ``arrays``."""
@@ -598,13 +605,55 @@ class _NetFeed:
         for i, (f, start) in enumerate(zip(self.feeders, self._start)):
             if batch_index != self._next[i]:
                 f.seek(start + batch_index * f.reader.batch_size)
-            out.update(next(f))
+            batch = next(f)
+            for top, rule in self._label_rules.items():
+                if top in batch:
+                    check_labels(np.asarray(batch[top]), start + batch_index * f.reader.batch_size,
+                                 rule, f.reader.layer, count=f.reader.count)
+            out.update(batch)
             self._next[i] = batch_index + 1
         return out
 
     def close(self):
         for f in self.feeders:
             f.close()
+
+
+_LABEL_LAYERS = ("SoftmaxWithLoss", "Accuracy", "MultinomialLogisticLoss", "InfogainLoss",
+                 "HingeLoss")
+
+
+def label_rules(net: Net) -> dict[str, tuple[str, int, int | None]]:
+    """Data tops used directly as class labels: top → (layer, number of classes, ignore)."""
+    fed = {t for l in net.data_layers for t, _, _ in l.input_specs()}
+    rules = {}
+    for layer in net.layers:
+        if layer.type in _LABEL_LAYERS and len(layer.bottom_names) > 1 \
+                and layer.bottom_names[1] in fed and hasattr(layer, "num_labels"):
+            ignore = layer.ignore_label if getattr(layer, "has_ignore_label", False) else None
+            top = layer.bottom_names[1]
+            prev = rules.get(top)
+            classes = layer.num_labels if prev is None else min(prev[1], layer.num_labels)
+            rules[top] = (layer.name, classes, ignore)
+    return rules
+
+
+def check_labels(labels: np.ndarray, first_position: int, rule, data_layer, count=None) -> None:
+    """A label outside [0, classes) would silently index out of range inside the program
+    (Caffe aborts there): fail on the host, naming the dataset record."""
+    name, classes, ignore = rule
+    lab = labels.reshape(-1).astype(np.int64)
+    bad = (lab < 0) | (lab >= classes)
+    if ignore is not None:
+        bad &= lab != ignore
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        record = first_position + j
+        if count:
+            record %= count
+        source = data_layer.param.data_param.source or data_layer.name
+        raise DataError(f"{source}: record {record}: label {int(lab[j])} is out of range for "
+                        f"layer '{name}', which has {classes} classes (0..{classes - 1})")
 
 
 def _short_text(msg) -> str:

@@ -270,3 +270,19 @@ def test_gpu_flag_without_gpu_is_an_error():
     with pytest.raises(SolverError, match="--gpu"):
         select_device(caffe_pb2.SolverParameter.CPU, explicit_gpu=[0])
     assert select_device(caffe_pb2.SolverParameter.GPU).platform == "cpu"  # warns, falls back
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_label_out_of_range_names_the_record(tmp_path, on_device):
+    from jcaffe.errors import DataError
+    data, labels = make_data(40, 2)
+    labels[17] = 3  # the net has 3 classes: 0, 1, 2
+    write_dataset(str(tmp_path / "train"), data, labels)
+    write_dataset(str(tmp_path / "test"), *make_data(20, 3))
+    (tmp_path / "net.prototxt").write_text(NET % {"train": tmp_path / "train",
+                                                  "test": tmp_path / "test"})
+    t = trainer(tmp_path, data_on_device=on_device, test_interval=0, display=0, snapshot=0,
+                snapshot_after_train=False, max_iter=3)
+    with pytest.raises(DataError, match=r"record 17: label 3 is out of range for layer 'loss'"):
+        t.solve()
+    t.close()
