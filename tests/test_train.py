@@ -286,3 +286,22 @@ def test_label_out_of_range_names_the_record(tmp_path, on_device):
     with pytest.raises(DataError, match=r"record 17: label 3 is out of range for layer 'loss'"):
         t.solve()
     t.close()
+
+
+def test_hdf5_snapshots_resume(workdir, tmp_path):
+    prefix = str(tmp_path / "h")
+    t = trainer(workdir, test_interval=0, display=0, snapshot=4, max_iter=8,
+                snapshot_prefix=prefix, snapshot_format=caffe_pb2.SolverParameter.HDF5)
+    t.solve()
+    t.close()
+    assert (tmp_path / "h_iter_4.caffemodel.h5").exists()
+    assert (tmp_path / "h_iter_8.solverstate.h5").exists()
+    r = trainer(workdir, test_interval=0, display=0, snapshot=0, max_iter=8,
+                snapshot_after_train=False)
+    r.restore(str(tmp_path / "h_iter_4.solverstate.h5"))
+    r.solve()
+    r.close()
+    a, b = params_np(t.params), params_np(r.params)
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert x.tobytes() == y.tobytes(), name

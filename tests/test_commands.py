@@ -1,0 +1,96 @@
+"""The Caffe-style commands: train (both spellings), test, time, device_query."""
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jcaffe import cli, log
+from jcaffe.caffemodel import read_solverstate
+from jcaffe.data.dataset import write_dataset
+from tests.test_train import NET, SOLVER, make_data
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cmd")
+    write_dataset(str(d / "train"), *make_data(64, 0))
+    write_dataset(str(d / "test"), *make_data(40, 1))
+    (d / "net.prototxt").write_text(NET % {"train": d / "train", "test": d / "test"})
+    (d / "solver.prototxt").write_text(
+        SOLVER + f'net: "{d / "net.prototxt"}"\nsnapshot_prefix: "{d / "snap" / "t"}"\n')
+    return d
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    yield
+    logging.getLogger("jcaffe").handlers.clear()
+    log.setup()
+
+
+def run_cli(args, capfd):
+    rc = cli.main(args)
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def test_train_with_caffe_flags_and_resume(work, capfd):
+    rc, _, err = run_cli(["train", f"-solver={work / 'solver.prototxt'}", "--iterations", "10"],
+                         capfd)
+    assert rc == 0, err
+    assert "Solving tiny" in err and "Optimization Done." in err
+    state = read_solverstate(str(work / "snap" / "t_iter_10.solverstate"))
+    assert state.iter == 10
+    rc, _, err = run_cli(["train", "--solver", str(work / "solver.prototxt"),
+                          f"--snapshot={work / 'snap' / 't_iter_10.solverstate'}",
+                          "--iterations=15"], capfd)
+    assert rc == 0, err
+    assert "Restoring previous solver status" in err
+    assert read_solverstate(str(work / "snap" / "t_iter_15.solverstate")).iter == 15
+
+
+def test_finetune_weights_and_score(work, capfd):
+    model = work / "snap" / "t_iter_10.caffemodel"
+    if not model.exists():
+        pytest.skip("needs the training test's snapshot")
+    rc, _, err = run_cli(["test", f"--model={work / 'net.prototxt'}", f"--weights={model}",
+                          "--iterations=2"], capfd)
+    assert rc == 0, err
+    assert "Batch 0, accuracy = " in err and "Batch 1, loss = " in err
+    assert "] accuracy = " in err and "loss = " in err and "(* 1 = " in err
+    rc, _, err = run_cli(["train", f"--solver={work / 'solver.prototxt'}",
+                          f"--weights={model}", "--iterations=2"], capfd)
+    assert rc == 0, err
+    assert f"Finetuning from {model}" in err
+
+
+def test_weights_and_snapshot_together_is_an_error(work, capfd):
+    rc, _, err = run_cli(["train", f"--solver={work / 'solver.prototxt'}", "--weights=a",
+                          "--snapshot=b"], capfd)
+    assert rc == 1
+    assert err.strip().startswith("jcaffe: error:") and "not both" in err
+    assert "Traceback" not in err
+
+
+def test_time_reports_layers_and_fused_step(work, capfd):
+    rc, _, err = run_cli(["time", f"--model={work / 'net.prototxt'}", "--iterations=2"], capfd)
+    assert rc == 0, err
+    for needle in ("conv\tforward:", "conv\tbackward:", "Average Forward pass:",
+                   "Average Backward pass:", "Average Forward-Backward:", "fused train step"):
+        assert needle in err, needle
+
+
+def test_device_query(capfd):
+    rc, _, err = run_cli(["device_query"], capfd)
+    assert rc == 0 and "Platform: cpu" in err
+
+
+def test_python_m_jcaffe_train_missing_solver_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jcaffe.train", str(tmp_path / "nope.prototxt")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.prototxt" in lines[0], proc.stderr
