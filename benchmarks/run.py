@@ -150,6 +150,52 @@ def train_flops(net) -> float:
     return total
 
 
+def child_data(batches: int = 2000) -> dict:
+    """The data path alone, LeNet's train Data layer (MNIST, batch 64): batches per second of
+    the host reader, of the prefetching feeder (read + device_put), and of device-resident
+    slicing inside a jitted program; to compare with the train step's iterations per second."""
+    import jax
+    import jax.numpy as jnp
+
+    from jcaffe import prototxt
+    from jcaffe.data import feed
+    from jcaffe.net import Net
+
+    os.chdir(_workdir_for("lenet"))
+    sp = prototxt.read_solver(SOLVERS["lenet"])
+    net = Net(prototxt.read_net(sp.net), "TRAIN", verbose=False)
+    layer = net.data_layers[0]
+    out = {}
+    reader = layer.make_reader(seed=0)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        reader.next_batch()
+    out["host_reader_batches_per_s"] = batches / (time.perf_counter() - t0)
+    with feed.PrefetchFeeder(layer.make_reader(seed=0), prefetch=4) as f:
+        next(f)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            b = next(f)
+        jax.block_until_ready(b)
+        out["prefetch_feeder_batches_per_s"] = batches / (time.perf_counter() - t0)
+    res = feed.DeviceResident(layer, seed=0)
+
+    def many(arrays, c0):
+        def body(c, _):
+            b = res.batch_at(arrays, c)
+            return res.next_cursor(c), jnp.sum(b["data"][:, 0, 0, 0].astype(jnp.int32))
+        return jax.lax.scan(body, c0, None, length=100)[1]
+
+    f = jax.jit(many)
+    jax.block_until_ready(f(res.arrays, jnp.int32(0)))
+    t0 = time.perf_counter()
+    for _ in range(batches // 100):
+        r = f(res.arrays, jnp.int32(0))
+    jax.block_until_ready(r)
+    out["device_resident_batches_per_s"] = (batches // 100) * 100 / (time.perf_counter() - t0)
+    return out
+
+
 def child_gemm_peak() -> dict:
     """This machine's float32 GEMM throughput (numpy's BLAS and XLA's dot), for the floor."""
     import jax
@@ -222,7 +268,7 @@ def full_run(backend: str) -> dict:
             "snapshots": sorted(os.listdir(snaps)) if os.path.isdir(snaps) else []}
 
 
-CHILDREN = {"step": child_step, "gemm": child_gemm_peak, "torch": child_torch,
+CHILDREN = {"step": child_step, "data": child_data, "gemm": child_gemm_peak, "torch": child_torch,
             "torch_full": child_torch_full, "layers": child_layer_times}
 
 
@@ -283,7 +329,7 @@ def main(argv=None) -> int:
     info = machine()
     backends = ["cpu"] + (["gpu"] if info["gpus"] else [])
     res: dict = {"machine": info, "gemm": run_child("gemm"), "jcaffe": [], "torch": [],
-                 "full": [], "layers": {}}
+                 "full": [], "layers": {}, "data": {}}
     say = lambda *x: print(*x, flush=True)
     say(f"machine: {info['cpu']} x{info['cores']}, GPUs: {info['gpus'] or 'none'}")
     say(f"GEMM peak: {res['gemm']}")
@@ -294,6 +340,8 @@ def main(argv=None) -> int:
             say(f"jcaffe {net} {backend}: {r}")
             res["jcaffe"].append(r)
         res["layers"][backend] = run_child("layers", backend, backend=backend)
+    res["data"] = run_child("data")
+    say(f"data path: {res['data']}")
     if has_torch() and not a.no_torch:
         for net in ("lenet", "cifar10_quick"):
             for mode in ("eager", "compile"):
@@ -375,6 +423,20 @@ def markdown(res: dict) -> str:
                 continue
             lines.append(f"| {r['system']} | {r['wall_s']:.1f} | {r['final_accuracy']} | "
                          f"{r.get('accuracy_at_500')} |")
+    data = res.get("data", {})
+    if data and "error" not in data:
+        step = next((r for r in res["jcaffe"] if r.get("net") == "lenet"
+                     and r.get("backend") == "cpu" and "error" not in r), None)
+        lines += ["", "### Data path alone (LeNet train Data layer, MNIST, batch 64)", "",
+                  "| path | batches/s |", "|---|---|",
+                  f"| host reader (tensorstore) | {data['host_reader_batches_per_s']:.0f} |",
+                  f"| prefetching feeder (read + device_put) | "
+                  f"{data['prefetch_feeder_batches_per_s']:.0f} |",
+                  f"| device-resident slicing (in the jitted program) | "
+                  f"{data['device_resident_batches_per_s']:.0f} |"]
+        if step:
+            lines.append(f"| *train step, for comparison (iterations/s)* | "
+                         f"{1e3 / step['ms_per_iter_median']:.0f} |")
     for backend, lt in res["layers"].items():
         if "error" in lt:
             continue
