@@ -275,9 +275,9 @@ CHILDREN = {"step": child_step, "data": child_data, "gemm": child_gemm_peak, "to
 # ---------------------------------------------------------------------------------------------
 # The parent: runs the children in sequence, writes JSON / Markdown / PNG
 # ---------------------------------------------------------------------------------------------
-def run_child(name: str, backend: str = "cpu", **kwargs) -> dict:
+def run_child(name: str, platform: str = "cpu", **kwargs) -> dict:
     env = dict(os.environ)
-    if backend == "cpu":
+    if platform == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, json.dumps(kwargs)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
