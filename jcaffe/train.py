@@ -143,6 +143,11 @@ class Trainer:
             self.tx = solver_mod.build_solver(sp, self.lr_mults, self.decay_mults)
             self.opt_state = jax.device_put(self.tx.init(self.params), self.device)
         self._check_test_sharing()
+        # XLA's CPU convolution falls back to naive kernels inside loops: nets that use it
+        # (large convolutions, see vision.IM2COL_MAX_ELEMS) run one iteration per dispatch.
+        self.use_scan = not (self.device.platform == "cpu" and any(
+            getattr(l, "impl", None) == "xla" for n in [self.net] + self.test_nets
+            for l in n.layers if l.type in ("Convolution", "Deconvolution")))
         self.iter = 0
         self.tests_done = 0
         self.losses: collections.deque = collections.deque(maxlen=max(1, sp.average_loss))
@@ -252,6 +257,21 @@ class Trainer:
         self._compiled[key] = fn
         return fn
 
+    def _resident_step(self):
+        """One iteration per dispatch, slicing its batch from device-resident data."""
+        key = ("train", "resident1")
+        if key not in self._compiled:
+            feed = self._feeds["train"]
+
+            def run(params, opt_state, arrays, it):
+                batches = [feed.batch_at(arrays, it * self.sp.iter_size + k)
+                           for k in range(self.sp.iter_size)]
+                params, opt_state, loss, outputs = self.step_fn(params, opt_state, batches, it)
+                return params, opt_state, loss[None], jax.tree.map(lambda x: x[None], outputs)
+
+            self._compiled[key] = jax.jit(run, donate_argnums=(0, 1))
+        return self._compiled[key]
+
     def _host_step(self):
         key = ("train", "host")
         if key not in self._compiled:
@@ -267,10 +287,20 @@ class Trainer:
         self._setup_feeds()
         feed = self._feeds["train"]
         with jax.default_device(self.device):
-            if feed.on_device:
+            if feed.on_device and self.use_scan:
                 fn = self._multi_step(n)
                 self.params, self.opt_state, losses, outputs = fn(
                     self.params, self.opt_state, feed.arrays, jnp.int32(self.iter))
+            elif feed.on_device:
+                fn = self._resident_step()
+                loss_list, out_list = [], []
+                for i in range(n):
+                    self.params, self.opt_state, l, o = fn(self.params, self.opt_state,
+                                                           feed.arrays, jnp.int32(self.iter + i))
+                    loss_list.append(l)
+                    out_list.append(o)
+                losses = jnp.concatenate(loss_list)
+                outputs = jax.tree.map(lambda *xs: jnp.concatenate(xs), *out_list)
             else:
                 fn = self._host_step()
                 loss_list, out_list = [], []
@@ -299,7 +329,11 @@ class Trainer:
             blobs = tn.apply(params, batch, train=False)
             return {k: jnp.asarray(v, jnp.float32) for k, v in tn.outputs(blobs).items()}
 
-        if feed.on_device:
+        if feed.on_device and not self.use_scan:
+            def run(train_params, arrays, b):
+                params = _share(tn, self.net, train_params, self._test_own[i])
+                return scores(params, feed.batch_at(arrays, b))
+        elif feed.on_device:
             def run(train_params, arrays, b0):
                 params = _share(tn, self.net, train_params, self._test_own[i])
 
@@ -330,8 +364,15 @@ class Trainer:
         feed = self._feeds[i]
         b0 = self.tests_done * n  # Caffe's test reader continues where the last test stopped
         with jax.default_device(self.device):
-            if feed.on_device:
+            if feed.on_device and self.use_scan:
                 return self._test_fn(i, n)(self.params, feed.arrays, jnp.int32(b0))
+            if feed.on_device:
+                fn = self._test_fn(i, 1)
+                total = None
+                for j in range(n):
+                    s = fn(self.params, feed.arrays, jnp.int32(b0 + j))
+                    total = s if total is None else jax.tree.map(jnp.add, total, s)
+                return total
             fn = self._test_fn(i, 1)
             total = None
             for j in range(n):

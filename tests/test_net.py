@@ -265,10 +265,11 @@ layer { name: "ip" type: "InnerProduct" bottom: "p2" top: "ip" inner_product_par
 """
 
 
-def test_channels_last_layout_matches_nchw():
+@pytest.mark.parametrize("impl", ["im2col", "xla"])
+def test_channels_last_layout_matches_nchw(impl):
     """The NHWC internal layout (CPU default) gives Caffe's NCHW results and gradients."""
     from jcaffe.layers import vision
-    with vision.conv_impl("im2col"):
+    with vision.conv_impl(impl):
         a = Net(parse(LAYOUT_NET), "TEST", layout="NHWC", verbose=False)
         b = Net(parse(LAYOUT_NET), "TEST", layout="NCHW", verbose=False)
     assert a.layout == "NHWC" and b.layout == "NCHW"

@@ -305,3 +305,22 @@ def test_hdf5_snapshots_resume(workdir, tmp_path):
     for name in a:
         for x, y in zip(a[name], b[name]):
             assert x.tobytes() == y.tobytes(), name
+
+
+def test_one_step_per_dispatch_equals_scan(workdir):
+    """Nets with XLA convolutions on CPU run one iteration per dispatch instead of lax.scan:
+    both paths give the same weights."""
+    kw = dict(test_interval=6, display=0, snapshot=0, snapshot_after_train=False, max_iter=6)
+    a, b = trainer(workdir, **kw), trainer(workdir, **kw)
+    assert a.use_scan
+    b.use_scan = False
+    ra = a.solve()
+    rb = b.solve()
+    for name, value in ra["test"][0].items():
+        np.testing.assert_allclose(value, rb["test"][0][name], rtol=1e-5)
+    a.close()
+    b.close()
+    pa, pb = params_np(a.params), params_np(b.params)
+    for name in pa:
+        for x, y in zip(pa[name], pb[name]):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
