@@ -90,7 +90,7 @@ def child_step(net: str, backend: str, windows: int, per_call: int) -> dict:
     import jax
 
     from jcaffe import prototxt
-    from jcaffe.train import Trainer, select_device
+    from jcaffe.train import Trainer
 
     work = _workdir_for(net)
     os.chdir(work)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tempfile
 import warnings
 
 from google.protobuf import message as pb_message
@@ -92,28 +91,13 @@ def _decode_text(data: bytes) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
+    from jcaffe.caffemodel import atomic_write
+    from jcaffe.errors import ModelError
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   dir=folder)
-    except OSError as e:
-        raise ProtoError(f"{path}: cannot write: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ProtoError(f"{path}: cannot write: {e.strerror or e}") from None
-        raise
+        atomic_write(path, data)
+    except ModelError as e:  # same message; prototxt callers expect the proto error class
+        raise ProtoError(str(e)) from None
 
 
 def write_text(path: str, message: pb_message.Message) -> None:

@@ -17,7 +17,6 @@ data cursor of iteration ``i`` is ``(i · iter_size · batch_size) mod count``, 
 from __future__ import annotations
 
 import collections
-import math
 import os
 import signal
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 import optax
 
 from jcaffe import log
-from jcaffe.errors import DataError, JcaffeError, SolverError
+from jcaffe.errors import DataError, SolverError
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
 
@@ -193,8 +192,8 @@ class Trainer:
 
     def test_params(self, i: int, params=None):
         """The test net's params: the train net's blobs for layers of the same name."""
-        params = self.params if params is None else params
-        return _share(self.test_nets[i], self.net, params, self._test_own[i])
+        self._setup_feeds()
+        return _share(self.params if params is None else params, self._test_own[i])
 
     # -- data --------------------------------------------------------------------------------
     def _setup_feeds(self):
@@ -331,11 +330,11 @@ class Trainer:
 
         if feed.on_device and not self.use_scan:
             def run(train_params, arrays, b):
-                params = _share(tn, self.net, train_params, self._test_own[i])
+                params = _share(train_params, self._test_own[i])
                 return scores(params, feed.batch_at(arrays, b))
         elif feed.on_device:
             def run(train_params, arrays, b0):
-                params = _share(tn, self.net, train_params, self._test_own[i])
+                params = _share(train_params, self._test_own[i])
 
                 def body(acc, j):
                     s = scores(params, feed.batch_at(arrays, b0 + j))
@@ -347,7 +346,7 @@ class Trainer:
                 return total
         else:
             def run(train_params, batch):
-                return scores(_share(tn, self.net, train_params, self._test_own[i]), batch)
+                return scores(_share(train_params, self._test_own[i]), batch)
         fn = jax.jit(run)
         self._compiled[key] = fn
         return fn
@@ -586,7 +585,7 @@ class Trainer:
                 f.close()
 
 
-def _share(test_net: Net, train_net: Net, train_params, own_params):
+def _share(train_params, own_params):
     """Caffe's ShareTrainedLayersWith: test layers take the train blobs of the same name."""
     out = {}
     for name, blobs in own_params.items():

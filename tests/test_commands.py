@@ -4,7 +4,6 @@ import logging
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from jcaffe import cli, log

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 
 from jcaffe import caffemodel
-from jcaffe.errors import JcaffeError, ModelError, NetError
+from jcaffe.errors import ModelError, NetError
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
 

@@ -1,18 +1,15 @@
 """The trainer: Caffe's Solve loop, logs that Caffe's tools parse, snapshots, resume, divergence."""
 
-import logging
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from jcaffe import caffemodel, log
-from jcaffe import solver as solver_mod
+from jcaffe import log
 from jcaffe.data.dataset import write_dataset
-from jcaffe.errors import JcaffeError, SolverError
+from jcaffe.errors import SolverError
 from jcaffe.proto import caffe_pb2
 from jcaffe.train import Trainer
 
@@ -156,7 +153,7 @@ def test_log_parses_with_caffes_parse_log_regexes(full_run):
                                                   (10, "loss"), (20, "accuracy"), (20, "loss")]
     sp = text_format.Parse(SOLVER, caffe_pb2.SolverParameter())
     for it, lr in lrs:
-        expect = 0.05 * (1 + 0.001 * it) ** -0.75
+        expect = sp.base_lr * (1 + sp.gamma * it) ** -sp.power  # Caffe's inv policy
         assert lr == pytest.approx(expect, rel=1e-5)
     assert [i for i, _ in lrs] == [0, 5, 10, 15]
     # Caffe's order at a test+display iteration: test first, then loss, outputs, lr.
