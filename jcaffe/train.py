@@ -748,7 +748,7 @@ def train_main(args) -> int:
 
 def add_train_flags(parser) -> None:
     parser.add_argument("solver", nargs="?", help="the solver prototxt")
-    parser.add_argument("--solver", dest="solver_flag", help="the solver prototxt")
+    parser.add_argument("--solver", dest="solver_flag", metavar="SOLVER", help="the solver prototxt")
     parser.add_argument("--weights", default="", help="caffemodel(s) to fine-tune from, comma-separated")
     parser.add_argument("--snapshot", default="", help="a .solverstate to resume from")
     parser.add_argument("--gpu", default="", help="GPU ids (comma-separated) or 'all'")
