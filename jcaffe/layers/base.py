@@ -151,6 +151,18 @@ class Layer:
         """``apply`` on [N, H, W, C] bottoms, returning [N, H, W, C] tops (if ``nhwc_ok``)."""
         raise NotImplementedError
 
+    def init_weight_bias(self, key: jax.Array, weight_filler, bias_filler) -> list[jax.Array]:
+        """Caffe's weight-and-bias layers: blob 0 from ``weight_filler`` and, when the layer has
+        a second blob (``bias_term``), blob 1 from ``bias_filler``."""
+        from jcaffe.fillers import fill
+
+        kw, kb = jax.random.split(key)
+        where = f"layer '{self.name}' (type {self.type})"
+        blobs = [fill(weight_filler, self.blob_shapes[0], kw, jnp.float32, where + " weight")]
+        if len(self.blob_shapes) > 1:
+            blobs.append(fill(bias_filler, self.blob_shapes[1], kb, jnp.float32, where + " bias"))
+        return blobs
+
     def input_specs(self) -> list[tuple[str, Shape, Any]]:
         """For data layers: (top name, raw shape, raw dtype) of each array the host feeds."""
         return []

@@ -56,13 +56,7 @@ class InnerProductLayer(Layer):
         return [shape[:self.axis] + (N,)]
 
     def init(self, key):
-        kw, kb = jax.random.split(key)
-        blobs = [fill(self.weight_filler, self.blob_shapes[0], kw, jnp.float32,
-                      where=f"layer '{self.name}' weight")]
-        if self.bias_term:
-            blobs.append(fill(self.bias_filler, self.blob_shapes[1], kb, jnp.float32,
-                              where=f"layer '{self.name}' bias"))
-        return blobs
+        return self.init_weight_bias(key, self.weight_filler, self.bias_filler)
 
     def apply(self, blobs, bottoms, ctx):
         x = bottoms[0]
@@ -514,13 +508,7 @@ class EmbedLayer(Layer):
         return [bottom_shapes[0] + (self.num_output,)]
 
     def init(self, key):
-        kw, kb = jax.random.split(key)
-        blobs = [fill(self.weight_filler, self.blob_shapes[0], kw, jnp.float32,
-                      where=f"layer '{self.name}' weight")]
-        if self.bias_term:
-            blobs.append(fill(self.bias_filler, self.blob_shapes[1], kb, jnp.float32,
-                              where=f"layer '{self.name}' bias"))
-        return blobs
+        return self.init_weight_bias(key, self.weight_filler, self.bias_filler)
 
     def apply(self, blobs, bottoms, ctx):
         x = lax.stop_gradient(bottoms[0])

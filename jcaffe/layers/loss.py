@@ -108,6 +108,16 @@ class _LossLayer(Layer):
                 f"{self.outer_num}*{self.inner_num}")
 
 
+def _loss_and_prob(layer, loss_sum, valid, x3, x):
+    """The normalized loss top and, when asked for, the softmax probabilities as a second top
+    (no gradient flows back through it, as in Caffe)."""
+    loss = loss_sum / layer._normalizer(layer.outer_num, layer.inner_num, jnp.sum(valid), x.dtype)
+    tops = [loss]
+    if len(layer.top_names) >= 2:
+        tops.append(jax.lax.stop_gradient(jax.nn.softmax(x3, axis=1)).reshape(x.shape))
+    return tops
+
+
 @register("SoftmaxWithLoss")
 class SoftmaxWithLoss(_LossLayer):
     """Softmax over ``softmax_param.axis`` followed by the multinomial logistic loss.
@@ -143,12 +153,7 @@ class SoftmaxWithLoss(_LossLayer):
         picked = jnp.take_along_axis(logp, jnp.clip(lab, 0, self.num_labels - 1), axis=1)
         picked = _clamped_log(picked, FLT_MIN)
         loss_sum = -jnp.sum(jnp.where(valid, picked, jnp.zeros_like(picked)))
-        loss = loss_sum / self._normalizer(self.outer_num, self.inner_num,
-                                           jnp.sum(valid), x.dtype)
-        tops = [loss]
-        if len(self.top_names) >= 2:
-            tops.append(jax.lax.stop_gradient(jax.nn.softmax(x3, axis=1)).reshape(x.shape))
-        return tops
+        return _loss_and_prob(self, loss_sum, valid, x3, x)
 
 
 @register("SigmoidCrossEntropyLoss")
@@ -357,12 +362,7 @@ class InfogainLoss(_LossLayer):
         rows = jnp.take(H, jnp.clip(lab, 0, c - 1), axis=0)  # (outer, inner, C)
         per_pos = jnp.einsum("ijl,ilj->ij", rows, logp)
         loss_sum = -jnp.sum(jnp.where(valid, per_pos, jnp.zeros_like(per_pos)))
-        loss = loss_sum / self._normalizer(self.outer_num, self.inner_num,
-                                           jnp.sum(valid), x.dtype)
-        tops = [loss]
-        if len(self.top_names) >= 2:
-            tops.append(jax.lax.stop_gradient(jax.nn.softmax(x3, axis=1)).reshape(x.shape))
-        return tops
+        return _loss_and_prob(self, loss_sum, valid, x3, x)
 
 
 @register("ContrastiveLoss")

@@ -30,7 +30,6 @@ import numpy as np
 from jax import lax
 
 from jcaffe.errors import NetError
-from jcaffe.fillers import fill
 from jcaffe.layers.base import Layer, Shape, count, register
 from jcaffe.proto import caffe_pb2
 
@@ -243,13 +242,7 @@ class _BaseConvolution(Layer):
 
     def init(self, key: jax.Array) -> list[jax.Array]:
         p = self.param.convolution_param
-        kw, kb = jax.random.split(key)
-        where = f"layer '{self.name}' (type {self.type})"
-        blobs = [fill(p.weight_filler, self.blob_shapes[0], kw, jnp.float32, where + " weight")]
-        if self.bias_term:
-            blobs.append(fill(p.bias_filler, self.blob_shapes[1], kb, jnp.float32,
-                              where + " bias"))
-        return blobs
+        return self.init_weight_bias(key, p.weight_filler, p.bias_filler)
 
     def apply(self, blobs, bottoms, ctx):
         tops = []
