@@ -184,6 +184,11 @@ class Net:
     # -- the pure API -----------------------------------------------------------------------
     def init(self, key: jax.Array) -> dict[str, list[jax.Array | None]]:
         """Fresh parameters from the layers' fillers, one key per layer (fold_in by index)."""
+        # One compiled program for all fillers: op by op, each filler would compile on its own
+        # (seconds of start-up for LeNet).
+        return jax.jit(self._init)(key)
+
+    def _init(self, key: jax.Array) -> dict[str, list[jax.Array | None]]:
         params: dict[str, list[jax.Array | None]] = {}
         for i, layer in enumerate(self.layers):
             if not layer.blob_shapes:
