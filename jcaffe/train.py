@@ -141,7 +141,8 @@ class Trainer:
             self.lr_mults, self.decay_mults = self._param_mults()
             self.tx = solver_mod.build_solver(sp, self.lr_mults, self.decay_mults)
             # One program for all history buffers (op by op, each shape compiles alone).
-            self.opt_state = jax.jit(self.tx.init)(self.params)
+            # (device_put commits it to the device, like the step's outputs: no recompile.)
+            self.opt_state = jax.device_put(jax.jit(self.tx.init)(self.params), self.device)
         self._check_test_sharing()
         # XLA's CPU convolution falls back to naive kernels inside loops: nets that use it
         # (large convolutions, see vision.IM2COL_MAX_ELEMS) run one iteration per dispatch.
