@@ -72,7 +72,7 @@ class Net:
     def __init__(self, net_param: caffe_pb2.NetParameter | str | os.PathLike,
                  phase: str | int = "TRAIN", level: int = 0, stages: Sequence[str] = (),
                  *, state: caffe_pb2.NetState | None = None, layout: str = "auto",
-                 verbose: bool = True):
+                 platform: str | None = None, verbose: bool = True):
         """Builds the net for ``phase``/``level``/``stages`` (Caffe's ``Net(file, phase, level,
         stages)``), or for an explicit, already merged ``state`` (as the solver builds it)."""
         from jcaffe import netstate, prototxt, upgrade
@@ -90,8 +90,13 @@ class Net:
         self.net_param = netstate.filter_net(net_param, state)
         self.name = self.net_param.name
         self._verbose = verbose
-        self._build()
-        self.layout = _choose_layout(layout)
+        # ``platform`` ("cpu", "gpu", ...; default: JAX's default backend) picks each layer's
+        # formulation and the internal layout for the device the net will run on.
+        from jcaffe.layers import vision
+
+        with vision.target_platform(platform):
+            self._build()
+            self.layout = _choose_layout(layout)
 
     # -- construction -----------------------------------------------------------------------
     def _info(self, msg: str, *args) -> None:
@@ -364,7 +369,9 @@ def _choose_layout(layout: str) -> str:
     if layout == "auto":
         layout = os.environ.get("JCAFFE_LAYOUT", "auto").upper()
     if layout == "AUTO":
-        layout = "NHWC" if jax.default_backend() == "cpu" else "NCHW"
+        from jcaffe.layers import vision
+
+        layout = "NHWC" if vision.current_platform() == "cpu" else "NCHW"
     if layout not in LAYOUTS:
         raise NetError(f"unknown internal layout {layout!r}: use one of {', '.join(LAYOUTS)} "
                        f"or auto")

@@ -130,8 +130,10 @@ class Trainer:
 
         (train_param, train_state), tests = solver_nets(sp)
         with jax.default_device(self.device):
-            self.net = Net(train_param, state=train_state, verbose=verbose)
-            self.test_nets = [Net(p, state=st, verbose=verbose) for p, st in tests]
+            platform = self.device.platform
+            self.net = Net(train_param, state=train_state, platform=platform, verbose=verbose)
+            self.test_nets = [Net(p, state=st, platform=platform, verbose=verbose)
+                              for p, st in tests]
             seed = sp.random_seed if sp.random_seed >= 0 else int(time.time_ns() % (2**31))
             self.key = jax.random.key(seed)
             params = self.net.init(jax.random.fold_in(self.key, 0x7FFFFFFF))

@@ -288,3 +288,17 @@ def test_channels_last_layout_matches_nchw(impl):
     for name in gb:
         for u, v in zip(ga[name], gb[name]):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()), err_msg=name)
+
+
+def test_formulation_follows_the_target_platform():
+    """A net built for a GPU uses XLA convolutions and NCHW, whatever machine builds it; the
+    results are the same."""
+    gpu = Net(parse(LAYOUT_NET), "TEST", platform="gpu", verbose=False)
+    cpu = Net(parse(LAYOUT_NET), "TEST", platform="cpu", verbose=False)
+    assert gpu.layout == "NCHW" and cpu.layout == "NHWC"
+    assert {l.impl for l in gpu.layers if l.type == "Convolution"} == {"xla"}
+    assert {l.impl for l in cpu.layers if l.type == "Convolution"} == {"im2col"}
+    params = cpu.init(jax.random.key(1))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 11, 11)), jnp.float32)
+    a, b = jax.jit(gpu.apply)(params, {"x": x}), jax.jit(cpu.apply)(params, {"x": x})
+    np.testing.assert_allclose(a["ip"], b["ip"], rtol=1e-5, atol=1e-6)

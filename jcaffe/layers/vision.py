@@ -51,10 +51,30 @@ PRECISION = lax.Precision.HIGHEST
 _forced: dict[str, str | None] = {"conv": None, "pool": None}
 
 
+# The platform the layers being built will run on (None: JAX's default backend). The Net sets
+# it from the device it is built for, so `--cpu` on a GPU machine gets the CPU formulations.
+_platform: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def target_platform(name: str | None):
+    """Context manager: layers built inside choose their formulation for platform ``name``."""
+    before = _platform[0]
+    _platform[0] = name
+    try:
+        yield
+    finally:
+        _platform[0] = before
+
+
+def current_platform() -> str:
+    return _platform[0] or jax.default_backend()
+
+
 def _choose(kind: str, setting: str, env: str, choices: tuple[str, ...], auto: tuple[str, str]):
     name = _forced[kind] or os.environ.get(env) or setting
     if name == "auto":
-        return auto[0] if jax.default_backend() == "cpu" else auto[1]
+        return auto[0] if current_platform() == "cpu" else auto[1]
     if name not in choices:
         source = ("conv_impl/pool_impl" if _forced[kind] else
                   env if os.environ.get(env) else f"jcaffe.layers.vision.{kind.upper()}_IMPL")
