@@ -74,12 +74,7 @@ def _synthetic_inputs(net, rng):
 
 @register_command("test", "score a model: --model M --weights W --iterations N")
 def test_command(argv) -> int:
-    parser = argparse.ArgumentParser(prog="jcaffe test")
-    _model_flags(parser)
-    args = parse_flags(argv, parser)
-    if not args.model:
-        raise JcaffeError("test needs --model=NET.prototxt")
-    log.setup()
+    args = _model_command_args("test", argv)
     net, params, feed, device = _net_and_feed(args, args.phase or "TEST")
     if not args.weights:
         _log.warning("no --weights given: testing freshly initialised parameters")
@@ -110,6 +105,17 @@ def test_command(argv) -> int:
     return 0
 
 
+def _model_command_args(name: str, argv):
+    """Parses the flags shared by ``test`` and ``time``; ``--model`` is required."""
+    parser = argparse.ArgumentParser(prog=f"jcaffe {name}")
+    _model_flags(parser)
+    args = parse_flags(argv, parser)
+    if not args.model:
+        raise JcaffeError(f"{name} needs --model=NET.prototxt")
+    log.setup()
+    return args
+
+
 def _model_flags(parser):
     parser.add_argument("--model", default="", help="the net prototxt")
     parser.add_argument("--weights", default="", help="caffemodel(s), comma-separated")
@@ -135,12 +141,7 @@ def _timeit(fn, *args, iterations: int):
 def time_command(argv) -> int:
     from jcaffe.layers.base import Context
 
-    parser = argparse.ArgumentParser(prog="jcaffe time")
-    _model_flags(parser)
-    args = parse_flags(argv, parser)
-    if not args.model:
-        raise JcaffeError("time needs --model=NET.prototxt")
-    log.setup()
+    args = _model_command_args("time", argv)
     phase = args.phase or "TRAIN"
     net, params, feed, device = _net_and_feed(args, phase)
     train = phase == "TRAIN"

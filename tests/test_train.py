@@ -88,6 +88,18 @@ def params_np(params):
     return jax.tree.map(np.asarray, jax.device_get(params))
 
 
+def assert_same_params(p, q, exact=True):
+    """Every blob equal: bit for bit (``exact``), or to float32 rounding."""
+    a, b = params_np(p), params_np(q)
+    assert a.keys() == b.keys()
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            if exact:
+                assert x.tobytes() == y.tobytes(), name
+            else:
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 @pytest.fixture(scope="module")
 def full_run(workdir):
     """One uninterrupted 20-iteration run (device-resident data), its log and results."""
@@ -187,10 +199,7 @@ def test_resume_is_bit_exact(full_run, workdir):
     assert resumed.iter == 10
     resumed.solve()
     resumed.close()
-    a, b = params_np(t_full.params), params_np(resumed.params)
-    for name in a:
-        for x, y in zip(a[name], b[name]):
-            assert x.tobytes() == y.tobytes(), name
+    assert_same_params(t_full.params, resumed.params)
 
 
 def test_host_fed_path_equals_device_resident(workdir, full_run):
@@ -203,10 +212,7 @@ def test_host_fed_path_equals_device_resident(workdir, full_run):
     dev.solve()
     host.close()
     dev.close()
-    a, b = params_np(host.params), params_np(dev.params)
-    for name in a:
-        for x, y in zip(a[name], b[name]):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert_same_params(host.params, dev.params, exact=False)
 
 
 def test_step_does_not_recompile(workdir):
@@ -298,10 +304,7 @@ def test_hdf5_snapshots_resume(workdir, tmp_path):
     r.restore(str(tmp_path / "h_iter_4.solverstate.h5"))
     r.solve()
     r.close()
-    a, b = params_np(t.params), params_np(r.params)
-    for name in a:
-        for x, y in zip(a[name], b[name]):
-            assert x.tobytes() == y.tobytes(), name
+    assert_same_params(t.params, r.params)
 
 
 def test_one_step_per_dispatch_equals_scan(workdir):
@@ -317,7 +320,4 @@ def test_one_step_per_dispatch_equals_scan(workdir):
         np.testing.assert_allclose(value, rb["test"][0][name], rtol=1e-5)
     a.close()
     b.close()
-    pa, pb = params_np(a.params), params_np(b.params)
-    for name in pa:
-        for x, y in zip(pa[name], pb[name]):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert_same_params(a.params, b.params, exact=False)
