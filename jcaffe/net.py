@@ -295,6 +295,13 @@ class Net:
         total = sum(terms[1:], terms[0]) if terms else jnp.zeros((), jnp.float32)
         return total, (blobs, new_params)
 
+    def conv_formulation(self, layer) -> str:
+        """The formulation a (De)Convolution layer of this net runs: ``"im2col"`` or
+        ``"xla"`` (the channels-first path may differ from the layer's own choice)."""
+        if self.layout == "NHWC" and layer.nhwc_ok:
+            return layer.impl
+        return getattr(layer, "nchw_impl", layer.impl)
+
     def outputs(self, blobs: Mapping[str, Any]) -> dict[str, Any]:
         """The net's output blobs (Caffe: tops no later layer reads), e.g. loss and accuracy."""
         return {name: blobs[name] for name in self.output_names}

@@ -147,9 +147,9 @@ class Trainer:
             self.opt_state = jax.device_put(jax.jit(self.tx.init)(self.params), self.device)
         self._check_test_sharing()
         # XLA's CPU convolution falls back to naive kernels inside loops: nets that use it
-        # (large convolutions, see vision.IM2COL_MAX_ELEMS) run one iteration per dispatch.
+        # (see vision.IM2COL_MAX_ELEMS) run one iteration per dispatch.
         self.use_scan = not (self.device.platform == "cpu" and any(
-            getattr(l, "impl", None) == "xla" for n in [self.net] + self.test_nets
+            n.conv_formulation(l) == "xla" for n in [self.net] + self.test_nets
             for l in n.layers if l.type in ("Convolution", "Deconvolution")))
         self.iter = 0
         self.tests_done = 0

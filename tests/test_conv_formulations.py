@@ -1,8 +1,12 @@
-"""Property test: every convolution formulation (XLA, im2col NCHW, channels-last im2col and
-channels-last XLA) computes the same Caffe convolution, for random geometries."""
+"""The formulations behind the layer registry agree: every convolution formulation (XLA,
+im2col NCHW, channels-last im2col and channels-last XLA) computes the same Caffe convolution for
+random geometries, and the channels-last kernels with hand-written backward passes (chunked
+convolution, pooling) give autodiff's and Caffe's gradients."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from jcaffe.layers import vision
@@ -50,3 +54,156 @@ def test_formulations_agree(geometry, seed):
     for y, y_nhwc in outputs:
         np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(y_nhwc, reference, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(geometries(), st.integers(0, 2**31 - 1))
+def test_channels_last_gradients_match_xla_autodiff(geometry, seed):
+    """The hand-written backward pass of the channels-last im2col convolution (weight
+    gradient against the saved columns, col2im for the input gradient) against autodiff of
+    XLA's own convolution, for random geometries (float64)."""
+    group, channels, num_output, kernel, dilation, pad, stride, size = geometry
+    text = (f'type: "Convolution" convolution_param {{ num_output: {num_output} '
+            f'kernel_size: {kernel} dilation: {dilation} pad: {pad} stride: {stride} '
+            f'group: {group} }}')
+    shape = (2, channels, size, size + 1)
+    rng = np.random.default_rng(seed)
+    with vision.conv_impl("xla"):
+        ref_layer = make_layer(text, [shape])
+    with vision.conv_impl("im2col"):
+        layer = make_layer(text, [shape])
+    x = jnp.asarray(rng.standard_normal(shape))
+    blobs = [jnp.asarray(rng.standard_normal(s)) for s in layer.blob_shapes]
+    ctx = Context(train=True)
+    top_shape = ref_layer.apply(blobs, [x], ctx)[0].shape
+    probe = jnp.asarray(rng.standard_normal(top_shape))
+
+    def ref_objective(blobs, x):
+        return jnp.sum(ref_layer.apply(blobs, [x], ctx)[0] * probe)
+
+    def nhwc_objective(blobs, x):
+        y = layer.apply_nhwc(blobs, [jnp.transpose(x, (0, 2, 3, 1))], ctx)[0]
+        return jnp.sum(jnp.transpose(y, (0, 3, 1, 2)) * probe)
+
+    want = jax.grad(ref_objective, argnums=(0, 1))(blobs, x)
+    got = jax.jit(jax.grad(nhwc_objective, argnums=(0, 1)))(blobs, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
+
+
+def test_channels_last_convolution_numerical_gradient():
+    """Finite differences of the channels-last convolution itself (stride 2, dilation 2,
+    padding, a non-square kernel)."""
+    from jax.test_util import check_grads
+
+    text = ('type: "Convolution" convolution_param { num_output: 3 kernel_h: 2 kernel_w: 3 '
+            'stride: 2 pad: 1 dilation: 2 }')
+    shape = (2, 2, 7, 6)
+    with vision.conv_impl("im2col"):
+        layer = make_layer(text, [shape])
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, 2)))
+    blobs = [jnp.asarray(rng.standard_normal(s)) for s in layer.blob_shapes]
+    ctx = Context(train=True)
+    check_grads(lambda w, b, x: layer.apply_nhwc([w, b], [x], ctx)[0], (*blobs, x),
+                order=1, modes=["rev"], eps=1e-4)
+
+
+def test_channels_last_max_pooling_gradient_goes_to_the_first_maximum():
+    """Non-overlapping MAX pooling in the channels-last layout: Caffe's mask semantics for
+    ties (the whole gradient to the first maximum in row-major window order) and the NCHW
+    path's gradient on distinct values."""
+    shape = (2, 3, 4, 6)
+    layer = make_layer("type: 'Pooling' pooling_param { pool: MAX kernel_size: 2 stride: 2 }",
+                       [shape])
+    ctx = Context(train=True)
+    rng = np.random.default_rng(0)
+    x = np.round(rng.standard_normal(shape), 0)  # few distinct values: ties in most windows
+    x[0, 0] = 1.0                                 # one channel all tied
+    probe = jnp.asarray(rng.standard_normal((2, 3, 2, 3)))
+
+    def nhwc(x):
+        y = layer.apply_nhwc([], [jnp.transpose(x, (0, 2, 3, 1))], ctx)[0]
+        return jnp.sum(jnp.transpose(y, (0, 3, 1, 2)) * probe)
+
+    def nchw(x):
+        return jnp.sum(layer.apply([], [x], ctx)[0] * probe)
+
+    g = np.asarray(jax.jit(jax.grad(nhwc))(jnp.asarray(x)))
+    np.testing.assert_array_equal(g, np.asarray(jax.grad(nchw)(jnp.asarray(x))))
+    # Hand-built expectation: each window's probe value lands on its first maximum.
+    expect = np.zeros(shape)
+    p = np.asarray(probe)
+    for n, c, i, j in np.ndindex(2, 3, 2, 3):
+        window = x[n, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+        di, dj = np.unravel_index(np.argmax(window), (2, 2))
+        expect[n, c, 2 * i + di, 2 * j + dj] = p[n, c, i, j]
+    np.testing.assert_array_equal(g, expect)
+
+
+def test_batch_chunks_pick_the_fewest_pieces_that_fit(monkeypatch):
+    monkeypatch.setattr(vision, "CHUNK_COLS_ELEMS", 100)
+    assert vision._batch_chunks(64, 10) == 8             # 8 images of 10 per piece
+    assert vision._batch_chunks(6, 40) == 3               # 2 per piece (4 would not divide 6)
+    assert vision._batch_chunks(5, 500) == 5              # never fewer than one image a piece
+    assert vision._batch_chunks(4, 25) == 1
+
+
+def test_chunked_channels_last_convolution_matches_xla(monkeypatch):
+    """A convolution too large for one piece loops over batch pieces; values and gradients
+    stay those of XLA's convolution."""
+    text = ('type: "Convolution" convolution_param { num_output: 3 kernel_size: 3 stride: 2 '
+            'pad: 1 dilation: 1 }')
+    shape = (6, 2, 7, 5)
+    with vision.conv_impl("xla"):
+        ref_layer = make_layer(text, [shape])
+    per_image = 4 * 3 * 9 * 2    # output positions x kernel taps x channels
+    monkeypatch.setattr(vision, "CHUNK_COLS_ELEMS", 2 * per_image)
+    assert vision._batch_chunks(6, per_image) == 3
+    with vision.conv_impl("im2col"):
+        layer = make_layer(text, [shape])
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal(shape))
+    blobs = [jnp.asarray(rng.standard_normal(s)) for s in layer.blob_shapes]
+    ctx = Context(train=True)
+    probe = jnp.asarray(rng.standard_normal((6, 3, 4, 3)))
+
+    def nhwc(blobs, x):
+        y = layer.apply_nhwc(blobs, [jnp.transpose(x, (0, 2, 3, 1))], ctx)[0]
+        return jnp.transpose(y, (0, 3, 1, 2))
+
+    y = jax.jit(nhwc)(blobs, x)
+    np.testing.assert_allclose(y, ref_layer.apply(blobs, [x], ctx)[0], rtol=1e-10, atol=1e-10)
+    got = jax.grad(lambda b, x: jnp.sum(nhwc(b, x) * probe), argnums=(0, 1))(blobs, x)
+    want = jax.grad(lambda b, x: jnp.sum(ref_layer.apply(b, [x], ctx)[0] * probe),
+                    argnums=(0, 1))(blobs, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("body,shape", [
+    ("pool: MAX kernel_size: 3 stride: 2", (2, 3, 9, 8)),            # CIFAR's, CEIL overhang
+    ("pool: MAX kernel_size: 3 stride: 1 pad: 1", (1, 2, 5, 6)),
+    ("pool: MAX kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2", (1, 2, 5, 7)),
+    ("pool: AVE kernel_size: 3 stride: 2", (2, 3, 9, 8)),
+    ("pool: AVE kernel_size: 3 stride: 2 pad: 1", (1, 2, 6, 7)),
+])
+def test_channels_last_overlapping_pooling_matches_nchw(body, shape):
+    """Overlapping windows in the channels-last layout (hand-written col2im backward): the
+    same values and gradients as the channels-first path, ties included (rounded inputs)."""
+    layer = make_layer(f"type: 'Pooling' pooling_param {{ {body} }}", [shape])
+    assert not layer._is_tiled()
+    ctx = Context(train=True)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(np.round(2 * rng.standard_normal(shape), 0))
+    y_ref = layer.apply([], [x], ctx)[0]
+    probe = jnp.asarray(rng.standard_normal(y_ref.shape))
+
+    def nhwc(x):
+        y = layer.apply_nhwc([], [jnp.transpose(x, (0, 2, 3, 1))], ctx)[0]
+        return jnp.transpose(y, (0, 3, 1, 2))
+
+    np.testing.assert_allclose(jax.jit(nhwc)(x), y_ref, rtol=1e-12)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(nhwc(x) * probe)))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(layer.apply([], [x], ctx)[0] * probe))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-12, atol=1e-12)

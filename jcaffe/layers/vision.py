@@ -11,6 +11,13 @@ formulations exist for convolution and pooling, chosen statically when a layer i
   the first maximum of a window like Caffe, and the running sum adds in Caffe's order) or
   ``"reduce_window"`` (``lax.reduce_window``). On CPU the slices are the faster of the two.
 
+On CPU the Net runs 4-axis blobs channels-last (``apply_nhwc``): convolution is then one
+``[N*OH*OW, kh*kw*C] x [kh*kw*C, O]`` GEMM per group, and for one group its backward pass is
+written by hand (weight gradient against the saved columns, input gradient as a GEMM and a
+col2im), because XLA fuses the autodiff of the column stacking poorly. Non-overlapping MAX
+pooling is a reshape + max whose hand-written gradient goes to the first maximum of each
+window, as Caffe's mask does.
+
 ``CONV_IMPL`` / ``POOL_IMPL`` (module settings, default ``"auto"``) pick them; the environment
 variables ``JCAFFE_CONV_IMPL`` / ``JCAFFE_POOL_IMPL`` override the settings, and the
 ``conv_impl(...)`` / ``pool_impl(...)`` context managers override both. ``"auto"`` means im2col
@@ -21,6 +28,7 @@ in ``layer.impl``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 
@@ -38,11 +46,17 @@ POOL_IMPLS = ("reduce_window", "slices")
 CONV_IMPL = "auto"
 POOL_IMPL = "auto"
 
-# On CPU, im2col materialises an [N*P, K] column matrix. XLA builds it at only ~1-2 GB/s, so
-# above this many elements (CIFAR-10 quick: 5-20 M) XLA's own convolution is faster (measured
-# on 2 cores: CIFAR conv2 fwd+bwd 95 ms im2col vs 31 ms xla; LeNet conv2 (2 M) 6.8 vs 10.8 ms).
-# XLA's CPU convolution is only fast outside loops: the trainer then runs one step per dispatch.
+# The channels-first im2col materialises the whole [N, K, P] column matrix at once; above
+# this many elements (CIFAR-10 quick: 5-20 M) XLA's own convolution is faster there. The
+# channels-last path (the CPU default) instead loops over batch pieces of CHUNK_COLS_ELEMS
+# and needs no such limit. XLA's CPU convolution is only fast outside loops: a net that uses
+# it runs one step per dispatch.
 IM2COL_MAX_ELEMS = 4_000_000
+
+# Columns per batch piece above which a channels-last convolution loops over pieces of the
+# batch (elements: 4 MB of float32 stay in cache; LeNet conv2 9.8 -> 9.5 ms per train step,
+# CIFAR-10 quick 113 -> 98 ms, on 2 cores).
+CHUNK_COLS_ELEMS = 1_000_000
 
 # Caffe computes in full float32; on GPUs the default precision would round matmul inputs to
 # TF32 and drift from Caffe's numbers.
@@ -142,6 +156,208 @@ def _window_slices(x, kernel, stride, dilation, out_sp):
 
 
 # ------------------------------------------------------------------------------------------
+# Channels-last im2col convolution with a hand-written backward pass
+# ------------------------------------------------------------------------------------------
+# XLA's CPU fusion of a concatenate with kh*kw operands materialises every slice on its own
+# and then copies them again; stacking one kernel row at a time (kw slices, then kh rows) is
+# one fused pass per level and 5-8x faster. Autodiff of that im2col gives a col2im that XLA
+# fuses just as badly, so the backward pass is written out: the weight gradient is one GEMM
+# against the saved columns, the input gradient one GEMM and a col2im that adds the kernel
+# offsets of one row at a time.
+
+def _im2col_nhwc(x, kernel, stride, dilation, out_sp):
+    """[N, H, W, C] (already padded) → columns [N*OH*OW, kh*kw*C], (ky, kx, c) order."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_sp
+    n, c = x.shape[0], x.shape[3]
+    rows = []
+    for i in range(kh):
+        pieces = [lax.slice(x, (0, i * dh, j * dw, 0),
+                            (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c),
+                            (1, sh, sw, 1)) for j in range(kw)]
+        rows.append(jnp.stack(pieces, axis=3))  # [N, OH, OW, kw, C]
+    return jnp.stack(rows, axis=3).reshape(n * oh * ow, kh * kw * c)
+
+
+def _col2im_nhwc(dcols, x_shape, kernel, stride, dilation, out_sp):
+    """The adjoint of :func:`_im2col_nhwc`: each column entry is added back to the input
+    position it was read from."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_sp
+    n, c = x_shape[0], x_shape[3]
+    d = dcols.reshape(n, oh, ow, kh, kw, c)
+    return _col2im_pieces(lambda i, j: d[:, :, :, i, j, :], x_shape, kernel, stride,
+                          dilation, out_sp)
+
+
+def _col2im_pieces(piece, x_shape, kernel, stride, dilation, out_sp):
+    """Adds ``piece(i, j)`` [N, OH, OW, C], the cotangent of kernel offset (i, j), back to
+    the [N, H, W, C] positions that offset reads."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_sp
+    h, w = x_shape[1], x_shape[2]
+    total = None
+    for i in range(kh):
+        row = None
+        for j in range(kw):
+            lo = j * dw
+            hi = w - (lo + sw * (ow - 1) + 1)
+            p = piece(i, j)
+            p = lax.pad(p, jnp.zeros((), p.dtype), [(0, 0, 0), (0, 0, 0), (lo, hi, sw - 1),
+                                                    (0, 0, 0)])
+            row = p if row is None else row + p
+        # Without the barrier XLA fuses all kh*kw pads into one loop that tests every
+        # offset for every output element.
+        row = lax.optimization_barrier(row)
+        lo = i * dh
+        hi = h - (lo + sh * (oh - 1) + 1)
+        p = lax.pad(row, jnp.zeros((), row.dtype),
+                    [(0, 0, 0), (lo, hi, sh - 1), (0, 0, 0), (0, 0, 0)])
+        total = p if total is None else total + p
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv_nhwc(x, wm, kernel, stride, dilation, out_sp, chunks=1):
+    """Convolution of padded [N, H, W, C] ``x`` with ``wm`` [kh*kw*C, O] → [N, OH, OW, O].
+
+    With ``chunks > 1`` the batch is processed in that many equal pieces, one after another,
+    so that each piece's columns stay in cache instead of streaming through memory."""
+    return _conv_nhwc_fwd(x, wm, kernel, stride, dilation, out_sp, chunks)[0]
+
+
+def _conv_nhwc_fwd(x, wm, kernel, stride, dilation, out_sp, chunks=1):
+    n, o = x.shape[0], wm.shape[1]
+    if chunks == 1:
+        cols = _im2col_nhwc(x, kernel, stride, dilation, out_sp)
+        y = lax.dot(cols, wm, precision=PRECISION)
+        return y.reshape((n,) + tuple(out_sp) + (o,)), (cols, wm, x.shape)
+
+    def piece(xc):
+        return lax.dot(_im2col_nhwc(xc, kernel, stride, dilation, out_sp), wm,
+                       precision=PRECISION)
+
+    y = lax.map(piece, x.reshape((chunks, n // chunks) + x.shape[1:]))
+    # The columns are rebuilt piece by piece in the backward pass rather than kept.
+    return y.reshape((n,) + tuple(out_sp) + (o,)), (x, wm, x.shape)
+
+
+def _conv_nhwc_bwd(kernel, stride, dilation, out_sp, chunks, res, dy):
+    saved, wm, x_shape = res
+    o = wm.shape[1]
+    if chunks == 1:
+        dy = dy.reshape(-1, o)
+        dwm = lax.dot_general(saved, dy, (((0,), (0,)), ((), ())), precision=PRECISION)
+        dcols = lax.dot_general(dy, wm, (((1,), (1,)), ((), ())), precision=PRECISION)
+        return _col2im_nhwc(dcols, x_shape, kernel, stride, dilation, out_sp), dwm
+    b = x_shape[0] // chunks
+    piece_shape = (b,) + tuple(x_shape[1:])
+
+    def body(dwm, xs):
+        xc, dyc = xs
+        cols = _im2col_nhwc(xc, kernel, stride, dilation, out_sp)
+        dwm = dwm + lax.dot_general(cols, dyc, (((0,), (0,)), ((), ())), precision=PRECISION)
+        dcols = lax.dot_general(dyc, wm, (((1,), (1,)), ((), ())), precision=PRECISION)
+        return dwm, _col2im_nhwc(dcols, piece_shape, kernel, stride, dilation, out_sp)
+
+    dwm, dx = lax.scan(body, jnp.zeros_like(wm),
+                       (saved.reshape((chunks,) + piece_shape), dy.reshape(chunks, -1, o)))
+    return dx.reshape(x_shape), dwm
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def _batch_chunks(n: int, cols_per_image: int) -> int:
+    """The fewest equal pieces of a batch of ``n`` whose columns fit ``CHUNK_COLS_ELEMS``."""
+    for chunks in range(1, n + 1):
+        if n % chunks == 0 and (n // chunks) * cols_per_image <= CHUNK_COLS_ELEMS:
+            return chunks
+    return n
+
+
+
+@jax.custom_vjp
+def _tiled_max_nhwc(x6):
+    """Max over the window axes of ``x6`` [N, PH, kh, PW, kw, C] (non-overlapping windows).
+
+    The gradient goes to the first maximum of each window in Caffe's row-major scan order,
+    as Caffe's mask does; autodiff of ``max`` would split it between exact ties."""
+    return jnp.max(x6, axis=(2, 4))
+
+
+def _tiled_max_nhwc_fwd(x6):
+    y = jnp.max(x6, axis=(2, 4))
+    return y, (x6, y)
+
+
+def _tiled_max_nhwc_bwd(res, dy):
+    x6, y = res
+    kh, kw = x6.shape[2], x6.shape[4]
+    zero = jnp.zeros((), dy.dtype)
+    taken = None
+    rows = []
+    for i in range(kh):
+        cols = []
+        for j in range(kw):
+            hit = x6[:, :, i, :, j, :] == y
+            if taken is not None:
+                hit = hit & ~taken
+            taken = hit if taken is None else taken | hit
+            cols.append(jnp.where(hit, dy, zero))
+        rows.append(jnp.stack(cols, axis=3))  # [N, PH, PW, kw, C]
+    return (jnp.stack(rows, axis=2),)  # [N, PH, kh, PW, kw, C]
+
+
+_tiled_max_nhwc.defvjp(_tiled_max_nhwc_fwd, _tiled_max_nhwc_bwd)
+
+
+def _pool_pieces(xp, kernel, stride, out_sp):
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, out_sp
+    n, c = xp.shape[0], xp.shape[3]
+    return [[lax.slice(xp, (0, i, j, 0), (n, i + sh * (ph - 1) + 1, j + sw * (pw - 1) + 1, c),
+                       (1, sh, sw, 1)) for j in range(kw)] for i in range(kh)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _window_pool_nhwc(xp, kernel, stride, out_sp, is_max):
+    """MAX (``is_max``) or SUM over (possibly overlapping) windows of padded [N, H, W, C]
+    ``xp``. MAX scans each window in Caffe's row-major order with a strict ``>``, and its
+    gradient goes to that first maximum, as Caffe's mask does; SUM's gradient adds the output
+    gradient to every element of the window. Both backward passes are a col2im written out
+    (autodiff of the slices fuses into one slow loop per offset on CPU)."""
+    pieces = [p for row in _pool_pieces(xp, kernel, stride, out_sp) for p in row]
+    acc = pieces[0]
+    for p in pieces[1:]:
+        acc = jnp.where(p > acc, p, acc) if is_max else acc + p
+    return acc
+
+
+def _window_pool_nhwc_fwd(xp, kernel, stride, out_sp, is_max):
+    y = _window_pool_nhwc(xp, kernel, stride, out_sp, is_max)
+    return y, (xp, y)
+
+
+def _window_pool_nhwc_bwd(kernel, stride, out_sp, is_max, res, dy):
+    xp, y = res
+    if not is_max:
+        return (_col2im_pieces(lambda i, j: dy, xp.shape, kernel, stride, (1, 1), out_sp),)
+    pieces = _pool_pieces(xp, kernel, stride, out_sp)
+    zero = jnp.zeros((), dy.dtype)
+    grads = {}
+    taken = None
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            hit = pieces[i][j] == y
+            if taken is not None:
+                hit = hit & ~taken
+            taken = hit if taken is None else taken | hit
+            grads[i, j] = jnp.where(hit, dy, zero)
+    return (_col2im_pieces(lambda i, j: grads[i, j], xp.shape, kernel, stride, (1, 1),
+                           out_sp),)
+
+
+_window_pool_nhwc.defvjp(_window_pool_nhwc_fwd, _window_pool_nhwc_bwd)
+
+
+# ------------------------------------------------------------------------------------------
 # Convolution / Deconvolution
 # ------------------------------------------------------------------------------------------
 
@@ -209,14 +425,17 @@ class _BaseConvolution(Layer):
                 f"{list(self.stride)}, pad {list(self.pad)}, dilation {list(self.dilation)})")
         cols_elems = (count(shape[:self.axis]) * count(self.out_spatial)
                       * (self.channels // self.group) * count(self.kernel))
-        try:
-            self.impl = resolve_conv_impl(None if self.reverse else cols_elems)
-        except NetError as e:
-            raise self.error(str(e)) from None
         # Channels-last im2col turns each convolution into one [N*P, K] x [K, O] GEMM with
         # contiguous rows (2-3x faster on CPU than the channels-first column layout).
         self.nhwc_ok = (not self.reverse and self.axis == 1 and self.num_spatial == 2
                         and len(shape) == 4)
+        try:
+            # `impl` is the layer's formulation; `nchw_impl` the one its channels-first path
+            # uses, which falls back to XLA's convolution for large column matrices.
+            self.impl = resolve_conv_impl(None if self.nhwc_ok or self.reverse else cols_elems)
+            self.nchw_impl = resolve_conv_impl(None if self.reverse else cols_elems)
+        except NetError as e:
+            raise self.error(str(e)) from None
         top = tuple(shape[:self.axis]) + (self.num_output,) + self.out_spatial
         return [top] * len(bottom_shapes)
 
@@ -296,7 +515,7 @@ class Convolution(_BaseConvolution):
                      for i, n in enumerate(self.in_spatial))
 
     def _forward(self, x, w):
-        if self.impl == "xla":
+        if self.nchw_impl == "xla":
             return lax.conv_general_dilated(
                 x, w, self.stride, [(q, q) for q in self.pad], rhs_dilation=self.dilation,
                 feature_group_count=self.group, precision=PRECISION)
@@ -349,6 +568,15 @@ class Convolution(_BaseConvolution):
             if any(self.pad):
                 x = lax.pad(x, jnp.zeros((), x.dtype),
                             [(0, 0, 0)] + [(q, q, 0) for q in self.pad] + [(0, 0, 0)])
+            if g == 1:
+                wm = jnp.transpose(wx, (2, 3, 1, 0)).reshape(kh * kw * c, o)
+                chunks = _batch_chunks(n, oh * ow * kh * kw * c)
+                y = _conv_nhwc(x, wm, self.kernel, self.stride, self.dilation, self.out_spatial,
+                               chunks)
+                if self.bias_term:
+                    y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
+                tops.append(y)
+                continue
             pieces = [lax.slice(x, (0, i * dh, j * dw, 0),
                                 (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c),
                                 (1, sh, sw, 1))
@@ -675,33 +903,17 @@ class Pooling(Layer):
             x6 = x.reshape(n, ph, kh, pw, kw, c)
             if is_max:
                 # One reduction, not a chain of selects: fused into the neighbouring GEMMs'
-                # im2col the chain costs ~2x the whole step on CPU. Its gradient splits exact
-                # ties between the tied elements (Caffe gives all to the first): only exact
-                # ties of the maximum can tell them apart.
-                return [jnp.max(x6, axis=(2, 4))]
+                # im2col the chain costs ~2x the whole step on CPU.
+                return [_tiled_max_nhwc(x6)]
             return [jnp.sum(x6, axis=(2, 4)) / float(kh * kw)]
-        else:
-            fill = -jnp.inf if is_max else 0
-            cfg = [(0, 0, 0)] + [(self.pad[i], self._high_pad(i), 0) for i in range(2)] + \
-                [(0, 0, 0)]
-            if any(lo or hi for lo, hi, _ in cfg):
-                x = lax.pad(x, jnp.asarray(fill, x.dtype), cfg)
-            (sh, sw) = self.stride
-            pieces = [lax.slice(x, (0, i, j, 0), (n, i + sh * (ph - 1) + 1,
-                                                  j + sw * (pw - 1) + 1, c), (1, sh, sw, 1))
-                      for i in range(kh) for j in range(kw)]
+        fill = -jnp.inf if is_max else 0
+        cfg = [(0, 0, 0)] + [(self.pad[i], self._high_pad(i), 0) for i in range(2)] + [(0, 0, 0)]
+        if any(lo or hi for lo, hi, _ in cfg):
+            x = lax.pad(x, jnp.asarray(fill, x.dtype), cfg)
+        y = _window_pool_nhwc(x, self.kernel, self.stride, self.out_size, is_max)
         if is_max:
-            best = pieces[0]
-            for piece in pieces[1:]:
-                best = jnp.where(piece > best, piece, best)  # strict: the first max keeps it
-            return [best]
-        total = pieces[0]
-        for piece in pieces[1:]:
-            total = total + piece
-        if self._is_tiled():
-            return [total / float(kh * kw)]
-        div = self._divisor(x.dtype).reshape(1, ph, pw, 1)
-        return [total / div]
+            return [y]
+        return [y / self._divisor(x.dtype).reshape(1, ph, pw, 1)]
 
     def _stochastic(self, x, ctx):
         # No padding for STOCHASTIC: the zero fill only covers the CEIL overhang, and zeros
