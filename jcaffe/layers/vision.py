@@ -181,7 +181,7 @@ def _im2col_nhwc(x, kernel, stride, dilation, out_sp):
 def _col2im_nhwc(dcols, x_shape, kernel, stride, dilation, out_sp):
     """The adjoint of :func:`_im2col_nhwc`: each column entry is added back to the input
     position it was read from."""
-    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_sp
+    (kh, kw), (oh, ow) = kernel, out_sp
     n, c = x_shape[0], x_shape[3]
     d = dcols.reshape(n, oh, ow, kh, kw, c)
     return _col2im_pieces(lambda i, j: d[:, :, :, i, j, :], x_shape, kernel, stride,
