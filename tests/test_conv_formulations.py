@@ -207,3 +207,41 @@ def test_channels_last_overlapping_pooling_matches_nchw(body, shape):
     g = jax.jit(jax.grad(lambda x: jnp.sum(nhwc(x) * probe)))(x)
     g_ref = jax.grad(lambda x: jnp.sum(layer.apply([], [x], ctx)[0] * probe))(x)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("body,shape", [
+    ("kernel_size: 5 pad: 2", (4, 3, 8, 7)),                         # CIFAR-10 quick's
+    ("kernel_size: 3 pad: 2 dilation: 2", (2, 2, 6, 6)),
+    ("kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0", (2, 2, 5, 4)),
+    ("kernel_size: 5", (2, 2, 9, 9)),                                # LeNet's
+    ("kernel_size: 3 stride: 2 pad: 1", (2, 2, 7, 7)),
+])
+@pytest.mark.parametrize("chunk_limit", [None, 1])
+def test_padded_convolution_gradients_match_xla(monkeypatch, body, shape, chunk_limit):
+    """Padding inside the hand-written convolution (the input gradient is cropped from the
+    padded one), with and without batch pieces, against autodiff of XLA's convolution."""
+    text = f'type: "Convolution" convolution_param {{ num_output: 4 {body} }}'
+    with vision.conv_impl("xla"):
+        ref_layer = make_layer(text, [shape])
+    if chunk_limit:
+        monkeypatch.setattr(vision, "CHUNK_COLS_ELEMS", chunk_limit)  # one image per piece
+    with vision.conv_impl("im2col"):
+        layer = make_layer(text, [shape])
+    geo = vision._conv_geometry(shape[0], shape[1], layer.kernel, layer.stride, layer.dilation,
+                                layer.pad, layer.out_spatial)
+    assert geo[5] == (shape[0] if chunk_limit else 1)
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal(shape))
+    blobs = [jnp.asarray(rng.standard_normal(s)) for s in layer.blob_shapes]
+    ctx = Context(train=True)
+    probe = jnp.asarray(rng.standard_normal(ref_layer.apply(blobs, [x], ctx)[0].shape))
+
+    def nhwc(b, x):
+        y = layer.apply_nhwc(b, [jnp.transpose(x, (0, 2, 3, 1))], ctx)[0]
+        return jnp.sum(jnp.transpose(y, (0, 3, 1, 2)) * probe)
+
+    got = jax.jit(jax.grad(nhwc, argnums=(0, 1)))(blobs, x)
+    want = jax.grad(lambda b, x: jnp.sum(ref_layer.apply(b, [x], ctx)[0] * probe),
+                    argnums=(0, 1))(blobs, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
