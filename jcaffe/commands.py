@@ -137,6 +137,22 @@ def _timeit(fn, *args, iterations: int):
     return statistics.mean(times)
 
 
+def _time_backward(f, blobs, bottoms, floats, rng, iterations):
+    """Time of ``f``'s backward pass alone, as Caffe's Backward: the forward pass and its
+    residuals are computed once (jax.vjp), then only the jitted VJP is timed, with random
+    top gradients (constant ones would let XLA turn the GEMMs into reductions)."""
+    def fd(bl, float_bottoms):
+        bo = list(bottoms)
+        for k, v in zip(floats, float_bottoms):
+            bo[k] = v
+        return [o for o in f(bl, bo) if jnp.issubdtype(o.dtype, jnp.floating)]
+
+    outs, vjp_fn = jax.vjp(fd, blobs, [bottoms[k] for k in floats])
+    cts = [jnp.asarray(rng.standard_normal(o.shape), o.dtype) for o in outs]
+    backward = jax.jit(lambda vjp_fn, cts: vjp_fn(cts))
+    return _timeit(backward, vjp_fn, cts, iterations=iterations)
+
+
 @register_command("time", "benchmark the execution time of a model (per layer and fused)")
 def time_command(argv) -> int:
     from jcaffe.layers.base import Context
@@ -161,6 +177,7 @@ def time_command(argv) -> int:
         t_fwd = _timeit(fwd, params, batch, iterations=n)
         t_fb = _timeit(grad, params, batch, iterations=n)
         blobs = net.apply(params, batch, train=train, key=key)
+        data_tops = {t for layer in net.layers if layer.is_data for t in layer.top_names}
         for i, layer in enumerate(net.layers):
             lblobs = net._layer_blobs(params, layer)
             if layer.is_data:
@@ -168,24 +185,26 @@ def time_command(argv) -> int:
             else:
                 bottoms = [blobs[b] for b in layer.bottom_names]
             ctx = Context(train=train, key=jax.random.fold_in(key, i) if layer.needs_key else None)
+            # Time the formulation the net runs: channels-last where the net keeps it.
+            channels_last = (net.layout == "NHWC" and layer.nhwc_ok and not layer.is_data
+                             and not layer.layout_agnostic)
+            if channels_last:
+                bottoms = [jnp.transpose(b, (0, 2, 3, 1)) for b in bottoms]
 
-            def f(bl, bo, layer=layer, ctx=ctx):
-                out = layer.apply(bl, bo, ctx)
+            def f(bl, bo, layer=layer, ctx=ctx, channels_last=channels_last):
+                out = (layer.apply_nhwc if channels_last else layer.apply)(bl, bo, ctx)
                 return out[0] if layer.stateful else out
 
             lf = jax.jit(f)
             tf = _timeit(lf, lblobs, bottoms, iterations=n)
             _log.info("%15s\tforward: %.4f ms.", layer.name, tf)
-            floats = [jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating) for b in bottoms]
-            if (lblobs or any(floats)) and not layer.is_data:
-                def fb(bl, bo, f=f):
-                    outs = f(bl, bo)
-                    return sum(jnp.sum(o) for o in outs if jnp.issubdtype(o.dtype, jnp.floating))
-
-                argnums = (0, 1) if any(floats) else (0,)
-                bf = jax.jit(jax.grad(fb, argnums=argnums, allow_int=True))
-                tb = _timeit(bf, lblobs, bottoms, iterations=n) - tf
-                _log.info("%15s\tbackward: %.4f ms.", layer.name, max(tb, 0.0))
+            # Like Caffe, no gradient for bottoms that come straight from a data layer.
+            floats = [k for k, b in enumerate(bottoms)
+                      if jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating)
+                      and layer.bottom_names[k] not in data_tops]
+            if (lblobs or floats) and not layer.is_data:
+                tb = _time_backward(f, lblobs, bottoms, floats, np.random.default_rng(i), n)
+                _log.info("%15s\tbackward: %.4f ms.", layer.name, tb)
         _log.info("Average Forward pass: %.4f ms.", t_fwd)
         _log.info("Average Backward pass: %.4f ms.", t_fb - t_fwd)
         _log.info("Average Forward-Backward: %.4f ms.", t_fb)

@@ -245,3 +245,24 @@ def test_padded_convolution_gradients_match_xla(monkeypatch, body, shape, chunk_
                     argnums=(0, 1))(blobs, x)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,size", [
+    ((3, 3), (2, 2), (1, 1), (9, 8)),     # CIFAR's pooling windows
+    ((1, 1), (2, 2), (1, 1), (5, 5)),     # kernel < stride: some phases receive nothing
+    ((2, 3), (3, 2), (1, 1), (8, 9)),
+    ((3, 3), (1, 1), (2, 2), (7, 7)),     # stride 1, dilation: the row-by-row path
+    ((3, 2), (2, 2), (2, 1), (9, 6)),     # stride and dilation: the padding path
+])
+def test_col2im_is_the_adjoint_of_im2col(kernel, stride, dilation, size):
+    """col2im (by phases for strides above 1) against autodiff of the channels-last im2col."""
+    out_sp = tuple((n - (d * (k - 1) + 1)) // s + 1
+                   for n, k, s, d in zip(size, kernel, stride, dilation))
+    x_shape = (2,) + size + (3,)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal(x_shape))
+    cols, vjp = jax.vjp(lambda x: vision._im2col_nhwc(x, kernel, stride, dilation, out_sp), x)
+    dcols = jnp.asarray(rng.standard_normal(cols.shape))
+    got = vision._col2im_nhwc(dcols, x_shape, kernel, stride, dilation, out_sp)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(dcols)[0]), rtol=1e-12,
+                               atol=1e-12)

@@ -193,6 +193,8 @@ def _col2im_pieces(piece, x_shape, kernel, stride, dilation, out_sp):
     the [N, H, W, C] positions that offset reads."""
     (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_sp
     h, w = x_shape[1], x_shape[2]
+    if (sh > 1 or sw > 1) and dh == dw == 1:
+        return _col2im_phases(piece, x_shape, kernel, stride, out_sp)
     total = None
     for i in range(kh):
         row = None
@@ -226,6 +228,34 @@ class _ConvGeometry(tuple):
 def _pad_hw(x, lo_hi):
     return lax.pad(x, jnp.zeros((), x.dtype),
                    [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in lo_hi] + [(0, 0, 0)])
+
+
+def _col2im_phases(piece, x_shape, kernel, stride, out_sp):
+    """:func:`_col2im_pieces` for strides above 1, by phases: input row ``s*q + r`` only
+    receives kernel rows ``k = s*a + r`` (from output row ``q - a``). Each of the s_h*s_w
+    phases is a sum of shifted pieces without interior padding, and the phases interleave
+    into the input with one stack and a reshape (3-4x faster than padding every piece with
+    holes to the full input size)."""
+    (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_sp
+    n, h, w, c = x_shape
+    qh, qw = -(-h // sh), -(-w // sw)
+    dtype = piece(0, 0).dtype
+    zero = jnp.zeros((), dtype)
+    phase_rows = []
+    for rh in range(sh):
+        phases = []
+        for rw in range(sw):
+            acc = None
+            for i in range(rh, kh, sh):
+                for j in range(rw, kw, sw):
+                    ah, aw = i // sh, j // sw
+                    p = lax.pad(piece(i, j), zero, [(0, 0, 0), (ah, qh - ah - oh, 0),
+                                                    (aw, qw - aw - ow, 0), (0, 0, 0)])
+                    acc = p if acc is None else acc + p
+            phases.append(jnp.zeros((n, qh, qw, c), dtype) if acc is None else acc)
+        phase_rows.append(jnp.stack(phases, axis=3))             # [N, qh, qw, sw, C]
+    full = jnp.stack(phase_rows, axis=2).reshape(n, qh * sh, qw * sw, c)
+    return full[:, :h, :w, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
