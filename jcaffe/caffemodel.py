@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 from google.protobuf.message import DecodeError, EncodeError
 
-from jcaffe.errors import ModelError
+from jcaffe.errors import ModelError, read_bytes
 from jcaffe.proto import caffe_pb2
 
 # Caffe's kMaxBlobAxes (blob.hpp): a blob has at most 32 axes.
@@ -196,20 +196,8 @@ def _is_hdf5(path: str) -> bool:
         return False
 
 
-def _read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ModelError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ModelError(f"{path}: is a directory, not a file") from None
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
 def _parse(path: str, cls, what: str):
-    data = _read_bytes(path)
+    data = read_bytes(path, ModelError)
     if not data:
         raise ModelError(f"{path}: file is empty (expected {what})")
     if data.startswith(b"\x89HDF\r\n\x1a\n"):

@@ -39,3 +39,18 @@ class DataError(JcaffeError):
 
 class SolverError(JcaffeError):
     """A solver definition or training run failed (names the field or iteration)."""
+
+
+def read_bytes(path: str, error: type[JcaffeError], what: str = "") -> bytes:
+    """The contents of ``path``; OS errors become one-line ``error``s naming the path (and
+    the kind of file, ``what``, when given)."""
+    kind = f"{what} file" if what else "file"
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise error(f"{path}: {kind} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, expected a {kind}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {kind}: {e.strerror or e}") from None

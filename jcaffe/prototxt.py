@@ -24,7 +24,7 @@ import warnings
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from jcaffe.errors import ProtoError
+from jcaffe.errors import ProtoError, read_bytes
 from jcaffe.proto import caffe_pb2
 from jcaffe.upgrade import upgrade_net, upgrade_solver
 
@@ -41,18 +41,6 @@ TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-
-def _read_bytes(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ProtoError(f"{path}: {what} file not found") from None
-    except IsADirectoryError:
-        raise ProtoError(f"{path}: is a directory, expected a {what} file") from None
-    except OSError as e:
-        raise ProtoError(f"{path}: cannot read {what} file: {e.strerror or e}") from None
 
 
 def _binary_position(data: bytes) -> tuple[int, int] | None:
@@ -354,7 +342,7 @@ def parse_net_binary(data: bytes, filename: str = "<bytes>") -> caffe_pb2.NetPar
 def read_net_raw(path: str, binary: bool | None = None) -> caffe_pb2.NetParameter:
     """Reads a net file as written, without upgrading it. ``binary``: None detects the format
     from the file name and contents, True / False insists on one."""
-    data = _read_bytes(path, "net")
+    data = read_bytes(path, ProtoError, "net")
     if data.startswith(_HDF5_MAGIC):
         raise ProtoError(f"{path}: is an HDF5 file (a .caffemodel.h5?), not a NetParameter; "
                          f"load HDF5 weights with jcaffe.caffemodel")
@@ -419,7 +407,7 @@ def parse_solver_text(text: str, filename: str = "<string>",
 
 
 def _read_solver_text(path: str) -> str:
-    data = _read_bytes(path, "solver")
+    data = read_bytes(path, ProtoError, "solver")
     pos = _binary_position(data)
     if pos is not None and (_CONTROL.search(data) is not None
                             or os.path.splitext(path)[1].lower() in _BINARY_SUFFIXES):
@@ -461,7 +449,7 @@ def resolve_solver_paths(solver: caffe_pb2.SolverParameter, solver_path: str,
     out.CopyFrom(solver)
     if text is None:
         try:
-            text = _decode_text(_read_bytes(solver_path, "solver"))
+            text = _decode_text(read_bytes(solver_path, ProtoError, "solver"))
         except ProtoError:
             text = ""
 
