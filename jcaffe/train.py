@@ -215,16 +215,26 @@ class Trainer:
         """Forward/backward over iter_size batches: mean loss, summed gradients, outputs."""
         net = self.net
         grad_fn = jax.value_and_grad(net.loss, has_aux=True)
-        total_loss = jnp.zeros((), jnp.float32)
-        grads = None
-        outputs = None
-        for k, batch in enumerate(batches):
+
+        def sub_batch(params, batch, k):
             (loss, (blobs, new_params)), g = grad_fn(params, batch, train=True,
                                                      key=jax.random.fold_in(key, k))
-            params = new_params  # running statistics (BatchNorm) advance per forward pass
-            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-            total_loss = total_loss + loss
-            outputs = net.outputs(blobs)
+            # new_params: running statistics (BatchNorm) advance per forward pass.
+            return new_params, g, loss, net.outputs(blobs)
+
+        params, grads, total_loss, outputs = sub_batch(params, batches[0], 0)
+        if len(batches) > 1:
+            # The other sub-batches in a loop, not unrolled: compile time stays that of one.
+            def body(carry, xs):
+                params, grads, total_loss, _ = carry
+                params, g, loss, outputs = sub_batch(params, xs[1], xs[0])
+                return (params, jax.tree.map(jnp.add, grads, g), total_loss + loss,
+                        outputs), None
+
+            rest = jax.tree.map(lambda *xs: jnp.stack(xs), *batches[1:])
+            (params, grads, total_loss, outputs), _ = jax.lax.scan(
+                body, (params, grads, total_loss, outputs),
+                (jnp.arange(1, len(batches), dtype=jnp.int32), rest))
         # Caffe logs the mean loss over iter_size; gradients are summed (the solver divides).
         return total_loss / len(batches), grads, outputs, params
 

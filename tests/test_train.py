@@ -321,3 +321,22 @@ def test_one_step_per_dispatch_equals_scan(workdir):
     a.close()
     b.close()
     assert_same_params(a.params, b.params, exact=False)
+
+
+def test_iter_size_accumulates_like_one_larger_batch(workdir, tmp_path):
+    """iter_size 2 with batch 8 sums two sub-batch gradients (a loop in the step) and the
+    solver divides by iter_size: the same weights as batch 16 (the same images, Caffe's
+    data cursor)."""
+    net8 = tmp_path / "net8.prototxt"
+    net8.write_text((workdir / "net.prototxt").read_text().replace("batch_size: 16",
+                                                                  "batch_size: 8"))
+    kw = dict(test_interval=0, display=0, snapshot=0, snapshot_after_train=False, max_iter=6)
+    big = trainer(workdir, **kw)
+    sp = solver_param(workdir, iter_size=2, **kw)
+    sp.net = str(net8)
+    small = Trainer(sp, verbose=False)
+    big.solve()
+    small.solve()
+    big.close()
+    small.close()
+    assert_same_params(big.params, small.params, exact=False)
