@@ -74,7 +74,13 @@ class Net:
                  *, state: caffe_pb2.NetState | None = None, layout: str = "auto",
                  platform: str | None = None, verbose: bool = True):
         """Builds the net for ``phase``/``level``/``stages`` (Caffe's ``Net(file, phase, level,
-        stages)``), or for an explicit, already merged ``state`` (as the solver builds it)."""
+        stages)``), or for an explicit, already merged ``state`` (as the solver builds it).
+
+        ``layout`` is the internal layout of 4-axis blobs: ``"auto"`` (channels-last on CPU,
+        NCHW elsewhere), ``"NHWC"`` or ``"NCHW"``. The channels-last convolution and pooling
+        kernels have hand-written backward passes (``jax.custom_vjp``), so they support
+        reverse mode (``grad``, ``vjp``) but not forward mode; for ``jax.jvp``,
+        ``jax.jacfwd`` or Hessians, build the net with ``layout="NCHW"``."""
         from jcaffe import netstate, prototxt, upgrade
 
         if isinstance(net_param, (str, os.PathLike)):

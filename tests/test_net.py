@@ -302,3 +302,26 @@ def test_formulation_follows_the_target_platform():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 11, 11)), jnp.float32)
     a, b = jax.jit(gpu.apply)(params, {"x": x}), jax.jit(cpu.apply)(params, {"x": x})
     np.testing.assert_allclose(a["ip"], b["ip"], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_mode_with_the_nchw_layout_matches_reverse_mode():
+    """jax.jvp needs the NCHW layout (the channels-last kernels are custom_vjp, reverse mode
+    only): its directional derivative equals the channels-last gradient dotted with the
+    direction."""
+    a = Net(parse(LAYOUT_NET), "TEST", layout="NHWC", verbose=False)
+    b = Net(parse(LAYOUT_NET), "TEST", layout="NCHW", verbose=False)
+    params = a.init(jax.random.key(1))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 11, 11)), jnp.float32)
+
+    def objective(net):
+        return lambda p: sum(jnp.sum(v * v) for k, v in net.apply(p, {"x": x}).items()
+                             if k in ("ip", "p3"))
+    direction = jax.tree.map(lambda v: jnp.asarray(
+        np.random.default_rng(v.size).standard_normal(v.shape), v.dtype), params)
+    _, forward = jax.jvp(objective(b), (params,), (direction,))
+    grads = jax.grad(objective(a))(params)
+    reverse = sum(jnp.sum(g * t) for g, t in zip(jax.tree.leaves(grads),
+                                                 jax.tree.leaves(direction)))
+    np.testing.assert_allclose(float(forward), float(reverse), rtol=1e-4)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(objective(a), (params,), (direction,))
