@@ -216,26 +216,12 @@ def _col2im_pieces(piece, x_shape, kernel, stride, dilation, out_sp):
     return total
 
 
-class _ConvGeometry(tuple):
-    """Static geometry of a channels-last convolution (hashable, for custom_vjp): kernel,
-    stride, dilation, pad, output size and the number of batch pieces."""
-
-    def __new__(cls, kernel, stride, dilation, pad, out_sp, chunks):
-        return super().__new__(cls, (tuple(kernel), tuple(stride), tuple(dilation), tuple(pad),
-                                     tuple(out_sp), chunks))
-
-
-def _pad_hw(x, lo_hi):
-    return lax.pad(x, jnp.zeros((), x.dtype),
-                   [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in lo_hi] + [(0, 0, 0)])
-
-
 def _col2im_phases(piece, x_shape, kernel, stride, out_sp):
     """:func:`_col2im_pieces` for strides above 1, by phases: input row ``s*q + r`` only
     receives kernel rows ``k = s*a + r`` (from output row ``q - a``). Each of the s_h*s_w
     phases is a sum of shifted pieces without interior padding, and the phases interleave
-    into the input with one stack and a reshape (3-4x faster than padding every piece with
-    holes to the full input size)."""
+    into the input with one stack and a reshape (CIFAR-10 quick pool1's backward: 11.7 ->
+    2.2 ms against padding every piece with holes to the full input size)."""
     (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_sp
     n, h, w, c = x_shape
     qh, qw = -(-h // sh), -(-w // sw)
@@ -256,6 +242,20 @@ def _col2im_phases(piece, x_shape, kernel, stride, out_sp):
         phase_rows.append(jnp.stack(phases, axis=3))             # [N, qh, qw, sw, C]
     full = jnp.stack(phase_rows, axis=2).reshape(n, qh * sh, qw * sw, c)
     return full[:, :h, :w, :]
+
+
+class _ConvGeometry(tuple):
+    """Static geometry of a channels-last convolution (hashable, for custom_vjp): kernel,
+    stride, dilation, pad, output size and the number of batch pieces."""
+
+    def __new__(cls, kernel, stride, dilation, pad, out_sp, chunks):
+        return super().__new__(cls, (tuple(kernel), tuple(stride), tuple(dilation), tuple(pad),
+                                     tuple(out_sp), chunks))
+
+
+def _pad_hw(x, lo_hi):
+    return lax.pad(x, jnp.zeros((), x.dtype),
+                   [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in lo_hi] + [(0, 0, 0)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
