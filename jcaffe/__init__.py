@@ -8,7 +8,7 @@ step (``jcaffe.train``) with Caffe's solvers as optax transformations -> Caffe-s
 
 from __future__ import annotations
 
-import importlib
+from jcaffe._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -30,14 +30,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'jcaffe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

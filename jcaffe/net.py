@@ -249,7 +249,7 @@ class Net:
                                    f"top {e.args[0]!r} (inputs given: {sorted(inputs)})") from None
             else:
                 names = layer.bottom_names
-                if self.layout == "NHWC" and layer.nhwc_ok:
+                if self.runs_channels_last(layer):
                     channels_last = True
                     bottoms = [blobs[b] if b in nhwc else _to_nhwc(blobs[b]) for b in names]
                 elif layer.layout_agnostic and names and all(b in nhwc for b in names):
@@ -301,12 +301,14 @@ class Net:
         total = sum(terms[1:], terms[0]) if terms else jnp.zeros((), jnp.float32)
         return total, (blobs, new_params)
 
+    def runs_channels_last(self, layer) -> bool:
+        """Whether this net runs ``layer`` on channels-last bottoms (its ``apply_nhwc``)."""
+        return self.layout == "NHWC" and layer.nhwc_ok and not layer.is_data
+
     def conv_formulation(self, layer) -> str:
         """The formulation a (De)Convolution layer of this net runs: ``"im2col"`` or
         ``"xla"`` (the channels-first path may differ from the layer's own choice)."""
-        if self.layout == "NHWC" and layer.nhwc_ok:
-            return layer.impl
-        return getattr(layer, "nchw_impl", layer.impl)
+        return layer.impl if self.runs_channels_last(layer) else layer.nchw_impl
 
     def outputs(self, blobs: Mapping[str, Any]) -> dict[str, Any]:
         """The net's output blobs (Caffe: tops no later layer reads), e.g. loss and accuracy."""

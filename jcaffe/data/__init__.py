@@ -13,7 +13,7 @@ Names below are imported on first use, so ``import jcaffe.data`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
+from jcaffe._lazy import lazy_attributes
 
 _LAZY = {
     "open_source": "jcaffe.data.sources",
@@ -28,14 +28,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'jcaffe.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

@@ -31,6 +31,7 @@ import contextlib
 import functools
 import itertools
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -244,13 +245,14 @@ def _col2im_phases(piece, x_shape, kernel, stride, out_sp):
     return full[:, :h, :w, :]
 
 
-class _ConvGeometry(tuple):
-    """Static geometry of a channels-last convolution (hashable, for custom_vjp): kernel,
-    stride, dilation, pad, output size and the number of batch pieces."""
-
-    def __new__(cls, kernel, stride, dilation, pad, out_sp, chunks):
-        return super().__new__(cls, (tuple(kernel), tuple(stride), tuple(dilation), tuple(pad),
-                                     tuple(out_sp), chunks))
+class _ConvGeometry(NamedTuple):
+    """Static geometry of a channels-last convolution (hashable, for custom_vjp)."""
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pad: tuple[int, int]
+    out_sp: tuple[int, int]
+    chunks: int  # batch pieces
 
 
 def _pad_hw(x, lo_hi):
@@ -273,13 +275,17 @@ def _conv_nhwc(x, wm, geo):
     return _conv_nhwc_fwd(x, wm, geo)[0]
 
 
+def _conv_columns(x, geo):
+    """im2col of the zero-padded [N, H, W, C] ``x``."""
+    return _im2col_nhwc(_pad_hw(x, [(q, q) for q in geo.pad]), geo.kernel, geo.stride,
+                        geo.dilation, geo.out_sp)
+
+
 def _conv_nhwc_fwd(x, wm, geo):
-    kernel, stride, dilation, pad, out_sp, chunks = geo
-    n, o = x.shape[0], wm.shape[1]
+    n, o, out_sp, chunks = x.shape[0], wm.shape[1], geo.out_sp, geo.chunks
 
     def forward(xc):
-        cols = _im2col_nhwc(_pad_hw(xc, [(q, q) for q in pad]), kernel, stride, dilation,
-                            out_sp)
+        cols = _conv_columns(xc, geo)
         return lax.dot(cols, wm, precision=PRECISION), cols
 
     if chunks == 1:
@@ -312,9 +318,7 @@ def _conv_nhwc_bwd(geo, res, dy):
     # piece's input gradient.
     def body(dwm, xs):
         xc, dyc = xs
-        cols = _im2col_nhwc(_pad_hw(xc, [(q, q) for q in pad]), kernel, stride, dilation,
-                            out_sp)
-        dw_piece, dx_piece = grads(cols, dyc)
+        dw_piece, dx_piece = grads(_conv_columns(xc, geo), dyc)
         return dwm + dw_piece, dx_piece
 
     b = n // chunks
@@ -346,7 +350,7 @@ def _tiled_max_nhwc(x6):
 
     The gradient goes to the first maximum of each window in Caffe's row-major scan order,
     as Caffe's mask does; autodiff of ``max`` would split it between exact ties."""
-    return jnp.max(x6, axis=(2, 4))
+    return _tiled_max_nhwc_fwd(x6)[0]
 
 
 def _tiled_max_nhwc_fwd(x6):
@@ -354,21 +358,27 @@ def _tiled_max_nhwc_fwd(x6):
     return y, (x6, y)
 
 
-def _tiled_max_nhwc_bwd(res, dy):
-    x6, y = res
-    kh, kw = x6.shape[2], x6.shape[4]
+def _first_maximum_grads(piece, kernel, y, dy):
+    """{(i, j): the gradient window offset (i, j) receives}: ``dy`` where ``piece(i, j)`` is
+    the first element equal to the window's maximum ``y`` in row-major scan order (Caffe's
+    mask), zero elsewhere."""
     zero = jnp.zeros((), dy.dtype)
-    taken = None
-    rows = []
-    for i in range(kh):
-        cols = []
-        for j in range(kw):
-            hit = x6[:, :, i, :, j, :] == y
+    grads, taken = {}, None
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            hit = piece(i, j) == y
             if taken is not None:
                 hit = hit & ~taken
             taken = hit if taken is None else taken | hit
-            cols.append(jnp.where(hit, dy, zero))
-        rows.append(jnp.stack(cols, axis=3))  # [N, PH, PW, kw, C]
+            grads[i, j] = jnp.where(hit, dy, zero)
+    return grads
+
+
+def _tiled_max_nhwc_bwd(res, dy):
+    x6, y = res
+    kh, kw = x6.shape[2], x6.shape[4]
+    g = _first_maximum_grads(lambda i, j: x6[:, :, i, :, j, :], (kh, kw), y, dy)
+    rows = [jnp.stack([g[i, j] for j in range(kw)], axis=3) for i in range(kh)]
     return (jnp.stack(rows, axis=2),)  # [N, PH, kh, PW, kw, C]
 
 
@@ -403,21 +413,13 @@ def _window_pool_nhwc_fwd(xp, kernel, stride, out_sp, is_max):
 
 def _window_pool_nhwc_bwd(kernel, stride, out_sp, is_max, res, dy):
     xp, y = res
-    if not is_max:
-        return (_col2im_pieces(lambda i, j: dy, xp.shape, kernel, stride, (1, 1), out_sp),)
-    pieces = _pool_pieces(xp, kernel, stride, out_sp)
-    zero = jnp.zeros((), dy.dtype)
-    grads = {}
-    taken = None
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            hit = pieces[i][j] == y
-            if taken is not None:
-                hit = hit & ~taken
-            taken = hit if taken is None else taken | hit
-            grads[i, j] = jnp.where(hit, dy, zero)
-    return (_col2im_pieces(lambda i, j: grads[i, j], xp.shape, kernel, stride, (1, 1),
-                           out_sp),)
+    if is_max:
+        pieces = _pool_pieces(xp, kernel, stride, out_sp)
+        grads = _first_maximum_grads(lambda i, j: pieces[i][j], kernel, y, dy)
+        piece = lambda i, j: grads[i, j]  # noqa: E731
+    else:
+        piece = lambda i, j: dy  # noqa: E731
+    return (_col2im_pieces(piece, xp.shape, kernel, stride, (1, 1), out_sp),)
 
 
 _window_pool_nhwc.defvjp(_window_pool_nhwc_fwd, _window_pool_nhwc_bwd)
