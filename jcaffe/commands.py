@@ -23,14 +23,14 @@ _log = log.get_logger("caffe")
 
 
 def _device_from_flags(args):
-    from jcaffe.train import select_device
-    from jcaffe.proto import caffe_pb2
+    """``--gpu`` / ``--cpu`` as ``caffe test`` / ``caffe time`` read them: one device."""
+    from jcaffe import parallel
 
-    gpu = None
-    if getattr(args, "gpu", ""):
-        gpu = "all" if args.gpu == "all" else [int(g) for g in args.gpu.split(",")]
-    mode = caffe_pb2.SolverParameter.GPU if gpu is not None else caffe_pb2.SolverParameter.CPU
-    return select_device(mode, 0, explicit_gpu=gpu, force_cpu=getattr(args, "cpu", False))
+    gpu = parallel.parse_ids(args.gpu, "gpu") if getattr(args, "gpu", "") else None
+    devices = parallel.select_devices(gpu=gpu, force_cpu=getattr(args, "cpu", False))
+    if len(devices) > 1:
+        _log.warning("several devices given: %s uses the first, %s", "this command", devices[0])
+    return devices[0]
 
 
 @register_command("train", "train or fine-tune a model (--solver, --weights, --snapshot)")
@@ -49,16 +49,21 @@ def train_command(argv) -> int:
 def _net_and_feed(args, phase):
     from jcaffe.caffemodel import load_caffemodel
     from jcaffe.net import Net
-    from jcaffe.train import _NetFeed
+    from jcaffe.data.netfeed import NetFeed
+    from jcaffe.train import config_from_flags
 
     device = _device_from_flags(args)
     with jax.default_device(device):
-        net = Net(args.model, phase, level=args.level, stages=[s for s in args.stage.split(",") if s])
+        net = Net(args.model, phase, level=args.level,
+                  stages=[s for s in args.stage.split(",") if s],
+                  config=config_from_flags(args).replace(platform=device.platform))
         params = net.init(jax.random.key(0))
         if args.weights:
             for w in args.weights.split(","):
                 params = net.copy_from(params, load_caffemodel(w), filename=w)
-        feed = _NetFeed(net, device, False, seed=0) if net.data_layers else None
+        # Input layers have no dataset: such nets get synthetic batches.
+        fed = net.data_layers and all(hasattr(l, "make_reader") for l in net.data_layers)
+        feed = NetFeed(net, device, False, list(range(len(net.data_layers)))) if fed else None
     return net, params, feed, device
 
 
@@ -227,6 +232,8 @@ def time_command(argv) -> int:
 
 @register_command("device_query", "show the devices JAX can run on")
 def device_query_command(argv) -> int:
+    parse_flags(argv, argparse.ArgumentParser(prog="jcaffe device_query",
+                                              description="show the devices JAX can run on"))
     log.setup()
     _log.info("JAX %s, default backend: %s", jax.__version__, jax.default_backend())
     for d in jax.devices() + ([] if jax.default_backend() == "cpu" else jax.devices("cpu")):

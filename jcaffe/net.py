@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcaffe import log
+from jcaffe.config import DEFAULT as DEFAULT_CONFIG
+from jcaffe.config import Config
 from jcaffe.errors import ModelError, NetError
 from jcaffe.layers.base import Context, Layer, Shape, layer_class
 from jcaffe.proto import caffe_pb2
@@ -71,16 +73,18 @@ class Net:
 
     def __init__(self, net_param: caffe_pb2.NetParameter | str | os.PathLike,
                  phase: str | int = "TRAIN", level: int = 0, stages: Sequence[str] = (),
-                 *, state: caffe_pb2.NetState | None = None, layout: str = "auto",
-                 platform: str | None = None, verbose: bool = True):
+                 *, state: caffe_pb2.NetState | None = None, config: Config | None = None,
+                 verbose: bool = True):
         """Builds the net for ``phase``/``level``/``stages`` (Caffe's ``Net(file, phase, level,
         stages)``), or for an explicit, already merged ``state`` (as the solver builds it).
 
-        ``layout`` is the internal layout of 4-axis blobs: ``"auto"`` (channels-last on CPU,
-        NCHW elsewhere), ``"NHWC"`` or ``"NCHW"``. The channels-last convolution and pooling
-        kernels have hand-written backward passes (``jax.custom_vjp``), so they support
-        reverse mode (``grad``, ``vjp``) but not forward mode; for ``jax.jvp``,
-        ``jax.jacfwd`` or Hessians, build the net with ``layout="NCHW"``."""
+        ``config`` (``jcaffe.config.Config``) says how the net runs: the platform it is built
+        for, the internal layout of 4-axis blobs (``"auto"``: channels-last on CPU, NCHW
+        elsewhere), the convolution/pooling formulations and the matmul precision; it is
+        resolved once here (``net.config``) and handed to every layer. The channels-last
+        convolution and pooling kernels have hand-written backward passes
+        (``jax.custom_vjp``), so they support reverse mode (``grad``, ``vjp``) but not forward
+        mode; for ``jax.jvp``, ``jax.jacfwd`` or Hessians use ``Config(layout="NCHW")``."""
         from jcaffe import netstate, prototxt, upgrade
 
         if isinstance(net_param, (str, os.PathLike)):
@@ -96,13 +100,11 @@ class Net:
         self.net_param = netstate.filter_net(net_param, state)
         self.name = self.net_param.name
         self._verbose = verbose
-        # ``platform`` ("cpu", "gpu", ...; default: JAX's default backend) picks each layer's
+        # The platform ("cpu", "gpu", ...; default: JAX's default backend) picks each layer's
         # formulation and the internal layout for the device the net will run on.
-        from jcaffe.layers import vision
-
-        with vision.target_platform(platform):
-            self._build()
-            self.layout = _choose_layout(layout)
+        self.config = (config or DEFAULT_CONFIG).resolved()
+        self.layout = self.config.layout
+        self._build()
 
     # -- construction -----------------------------------------------------------------------
     def _info(self, msg: str, *args) -> None:
@@ -133,7 +135,7 @@ class Net:
             self._info("Creating Layer %s", lp.name)
             for b in lp.bottom:
                 self._info("%s <- %s", lp.name, b)
-            layer = cls(lp, [shapes[b] for b in lp.bottom], self.phase)
+            layer = cls(lp, [shapes[b] for b in lp.bottom], self.phase, config=self.config)
             for t, s in zip(lp.top, layer.top_shapes):
                 self._info("%s -> %s", lp.name, t)
                 shapes[t] = s
@@ -308,7 +310,13 @@ class Net:
     def conv_formulation(self, layer) -> str:
         """The formulation a (De)Convolution layer of this net runs: ``"im2col"`` or
         ``"xla"`` (the channels-first path may differ from the layer's own choice)."""
-        return layer.impl if self.runs_channels_last(layer) else layer.nchw_impl
+        return layer.formulation(self.runs_channels_last(layer))
+
+    @property
+    def scan_ok(self) -> bool:
+        """Whether every layer's formulation runs at full speed inside ``lax.scan``, so the
+        train step may fuse many iterations into one dispatch."""
+        return all(layer.scan_ok(self.runs_channels_last(layer)) for layer in self.layers)
 
     def outputs(self, blobs: Mapping[str, Any]) -> dict[str, Any]:
         """The net's output blobs (Caffe: tops no later layer reads), e.g. loss and accuracy."""
@@ -373,24 +381,6 @@ def _to_nhwc(x):
 
 def _to_nchw(x):
     return jnp.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
-
-
-LAYOUTS = ("NCHW", "NHWC")
-
-
-def _choose_layout(layout: str) -> str:
-    """The internal layout of 4-axis blobs: ``auto`` is channels-last on the CPU backend, where
-    im2col GEMMs prefer it, and NCHW elsewhere; ``JCAFFE_LAYOUT`` overrides ``auto``."""
-    if layout == "auto":
-        layout = os.environ.get("JCAFFE_LAYOUT", "auto").upper()
-    if layout == "AUTO":
-        from jcaffe.layers import vision
-
-        layout = "NHWC" if vision.current_platform() == "cpu" else "NCHW"
-    if layout not in LAYOUTS:
-        raise NetError(f"unknown internal layout {layout!r}: use one of {', '.join(LAYOUTS)} "
-                       f"or auto")
-    return layout
 
 
 def _legacy_equal(found, expected) -> bool:

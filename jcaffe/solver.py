@@ -55,6 +55,7 @@ __all__ = [
     "caffe_sgd", "caffe_nesterov", "caffe_adagrad", "caffe_rmsprop", "caffe_adadelta",
     "caffe_adam",
     "history_state", "history_to_caffe", "history_from_caffe", "get_iter", "get_current_step",
+    "applied_rate", "param_mults",
 ]
 
 # Caffe's registered solver names, and the number of history blobs each keeps per learnable
@@ -188,7 +189,7 @@ def _true_divide(x: jax.Array, divisor: np.float32) -> jax.Array:
     return x / jax.lax.optimization_barrier(full)
 
 
-def lr_policy(solver_param: caffe_pb2.SolverParameter) -> LrPolicy:
+def lr_policy(solver_param: caffe_pb2.SolverParameter, base_lr=None) -> LrPolicy:
     """Caffe's ``GetLearningRate`` as a jittable ``(iter, current_step) -> (rate, current_step)``.
 
     ``rate`` is float32, ``current_step`` int32. With ``b = base_lr``, ``γ = gamma``,
@@ -203,11 +204,14 @@ def lr_policy(solver_param: caffe_pb2.SolverParameter) -> LrPolicy:
     * poly: ``b·(1 - i/max_iter)^p``
     * sigmoid: ``b / (1 + exp(-γ·(i - stepsize)))``
 
-    Policies other than step / multistep return ``current_step`` unchanged.
+    Policies other than step / multistep return ``current_step`` unchanged. ``base_lr``
+    replaces ``solver_param.base_lr`` and may be a traced float32 scalar (``jax.vmap`` over
+    learning rates).
     """
     sp = solver_param
     policy = _check_lr_policy(sp)
-    base, gamma, power = _F32(sp.base_lr), _F32(sp.gamma), _F32(sp.power)
+    base = _F32(sp.base_lr) if base_lr is None else jnp.asarray(base_lr, jnp.float32)
+    gamma, power = _F32(sp.gamma), _F32(sp.power)
     one = _F32(1)
 
     def rate_fn(it, cs):
@@ -428,11 +432,15 @@ class CaffeHistoryState(NamedTuple):
     ``iter``: int32, updates applied so far (Caffe's ``iter_``). ``current_step``: int32,
     Caffe's ``current_step_``. ``history``: a tuple of 1 or 2 pytrees shaped like the
     parameters — Caffe's ``history_[0:N]`` and, for AdaDelta / Adam, ``history_[N:2N]``.
+    ``rate``: float32, the learning rate the last update applied.
     """
 
     iter: jax.Array
     current_step: jax.Array
     history: tuple
+    # float32: the rate the last update applied (0 before the first update of a run or a
+    # resume): what logs print, so a log never shows a rate other than the one applied.
+    rate: jax.Array = np.float32(0)
 
 
 def _as_policy(learning_rate: float | LrPolicy) -> LrPolicy:
@@ -456,7 +464,8 @@ def _history_transformation(n_sets: int, learning_rate: float | LrPolicy, lr_mul
         _leaf_values("lr_mults", lr_mults, params)
         hist = tuple(jax.tree.map(jnp.zeros_like, params) for _ in range(n_sets))
         return CaffeHistoryState(iter=jnp.zeros([], jnp.int32),
-                                 current_step=jnp.zeros([], jnp.int32), history=hist)
+                                 current_step=jnp.zeros([], jnp.int32), history=hist,
+                                 rate=jnp.zeros([], jnp.float32))
 
     def update_fn(updates, state, params=None):
         del params
@@ -474,7 +483,8 @@ def _history_transformation(n_sets: int, learning_rate: float | LrPolicy, lr_mul
         new_state = CaffeHistoryState(
             iter=state.iter + jnp.int32(1),
             current_step=jnp.asarray(current_step, jnp.int32),
-            history=tuple(treedef.unflatten(h) for h in new_hist))
+            history=tuple(treedef.unflatten(h) for h in new_hist),
+            rate=jnp.asarray(rate, jnp.float32))
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -595,16 +605,38 @@ def caffe_adam(beta1: float, beta2: float, delta: float, learning_rate: float | 
 # The solver
 # ----------------------------------------------------------------------------------------------
 
-def build_solver(solver_param: caffe_pb2.SolverParameter, lr_mults: Any = None,
-                 decay_mults: Any = None) -> optax.GradientTransformation:
+def param_mults(net) -> tuple[Any, Any]:
+    """``(lr_mults, decay_mults)`` of a ``jcaffe.Net``: pytrees shaped like its params, the
+    ParamSpec multipliers of owned blobs and ``None`` where a blob is shared (the owner's
+    entry counts, as in Caffe's learnable_params)."""
+    lr = {l.name: [None] * len(l.blob_shapes) for l in net.layers if l.blob_shapes}
+    dm = {k: list(v) for k, v in lr.items()}
+    for p in net.params_info:
+        lr[p.layer][p.index] = p.lr_mult
+        dm[p.layer][p.index] = p.decay_mult
+    return lr, dm
+
+
+def build_solver(solver_param: caffe_pb2.SolverParameter, net_or_lr_mults: Any = None,
+                 decay_mults: Any = None, *, base_lr=None) -> optax.GradientTransformation:
     """Caffe's solver for ``solver_param.type`` as one optax chain (see the module docstring).
 
-    ``update(grads, state, params)`` takes the gradient summed over ``iter_size`` passes and
-    returns ``-update``; ``optax.apply_updates`` then performs Caffe's ``w -= update``.
+    ``build_solver(sp, net)`` takes ``lr_mult`` / ``decay_mult`` from a ``jcaffe.Net``;
+    ``build_solver(sp, lr_mults, decay_mults)`` takes them as pytrees (``None``: 1 everywhere).
+    ``base_lr`` overrides the solver's (a float, or a traced scalar to ``jax.vmap`` over
+    learning rates). ``update(grads, state, params)`` takes the gradient summed over
+    ``iter_size`` passes and returns ``-update``; ``optax.apply_updates`` then performs
+    Caffe's ``w -= update``.
     """
     sp = solver_param
+    if hasattr(net_or_lr_mults, "params_info"):
+        if decay_mults is not None:
+            raise TypeError("build_solver(sp, net) takes the decay_mults from the net")
+        lr_mults, decay_mults = param_mults(net_or_lr_mults)
+    else:
+        lr_mults = net_or_lr_mults
     kind = validate_solver(sp)
-    rate = lr_policy(sp)
+    rate = lr_policy(sp, base_lr)
     if kind == "SGD":
         history = caffe_sgd(sp.momentum, rate, lr_mults)
     elif kind == "Nesterov":
@@ -709,6 +741,11 @@ def get_current_step(opt_state: Any) -> int:
     return int(history_state(opt_state).current_step)
 
 
+def applied_rate(opt_state: Any) -> jax.Array:
+    """The learning rate the last update applied (float32; traceable)."""
+    return history_state(opt_state).rate
+
+
 def _ordered_leaves(tree: Any, params_order: Sequence[tuple[str, int]]) -> list:
     n_leaves = len(jax.tree.leaves(tree))
     if len(params_order) != n_leaves:
@@ -777,5 +814,5 @@ def history_from_caffe(opt_state_template: Any, history_list: Sequence[np.ndarra
         new_sets.append(jax.tree_util.tree_map_with_path(pick, hist))
     new = CaffeHistoryState(iter=jnp.asarray(int(iter), jnp.int32),
                             current_step=jnp.asarray(int(current_step), jnp.int32),
-                            history=tuple(new_sets))
+                            history=tuple(new_sets), rate=jnp.zeros([], jnp.float32))
     return _replace(opt_state_template, _find(opt_state_template), new)

@@ -1,16 +1,27 @@
-"""Training: Caffe's ``Solver::Solve`` as one jit-compiled, fused train step.
+"""Training: Caffe's ``Solver::Solve`` around one pure, jit-compiled train step.
 
     python -m jcaffe.train prototxt/lenet_solver.prototxt [--weights W] [--snapshot S] [--cpu]
 
 Data flow: the solver prototxt → the train net and test nets (``Net``; test nets share the
-train net's weights by layer name, as Caffe does) → ``build_solver`` (Caffe's update rule as
-an optax chain) → ``Trainer.step_fn``: forward, backward (``iter_size`` accumulated) and the
-solver update of one iteration in one XLA program; when the dataset lives on the device,
-``lax.scan`` runs many iterations per dispatch, slicing batches inside the program. The host
-only wakes at Caffe's events (display, test, snapshot), where it logs like Caffe.
+train net's weights by layer name, as Caffe does) → ``solver.build_solver(sp, net)`` (Caffe's
+update rule as an optax chain) → the pure step of this module::
 
-Reproducibility: the PRNG key of iteration ``i`` is ``fold_in(key(random_seed), i)`` and the
-data cursor of iteration ``i`` is ``(i · iter_size · batch_size) mod count``, so resuming from
+    state = init_state(net, tx, key)                      # TrainState(params, opt_state, iter, key)
+    step = make_train_step(net, tx, iter_size=sp.iter_size)
+    state, metrics = jax.jit(step, donate_argnums=0)(state, batch)
+
+``step`` closes over nothing mutable: it works under ``jax.jit`` (with donation), ``jax.vmap``
+(many nets, seeds or learning rates in one program) and ``shard_map`` (``axis_name``: data
+parallel, gradients averaged over the axis as Caffe's multi-GPU sums and scales by 1/N).
+
+``Trainer`` is Caffe's Solve loop built from these pieces: it feeds (device-resident datasets
+sliced inside the program, or stacked host batches), runs ``lax.scan`` over many iterations per
+dispatch, and only wakes at Caffe's events (display, test, snapshot), where it logs like Caffe.
+On N devices the same program runs under ``shard_map`` over a one-axis mesh (``parallel``).
+
+Reproducibility: one root key ``key(random_seed)`` is split into streams for initialisation,
+train steps, test nets and data order (``prng_streams``); iteration ``i`` uses
+``fold_in(step_key, i)`` and reads data batch ``i · iter_size`` of the stream, so resuming from
 ``<prefix>_iter_N.solverstate`` continues to exactly the weights of an uninterrupted run.
 """
 
@@ -18,18 +29,20 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 import signal
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcaffe import log
-from jcaffe.errors import DataError, SolverError
+from jcaffe import log, parallel
+from jcaffe.config import Config
+from jcaffe.errors import SolverError
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
 
@@ -39,36 +52,110 @@ _SP = caffe_pb2.SolverParameter
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices
+# The pure step
 # ---------------------------------------------------------------------------------------------
-def select_device(solver_mode: int | None = None, device_id: int = 0, *, explicit_gpu=None,
-                  force_cpu: bool = False) -> jax.Device:
-    """solver_mode → an XLA device. GPU from the solver file falls back to CPU with a warning;
-    GPU from an explicit ``--gpu`` flag is an error when no GPU exists."""
-    if force_cpu:
-        return jax.devices("cpu")[0]
-    want_gpu = explicit_gpu is not None or solver_mode == _SP.GPU
-    if not want_gpu:
-        return jax.devices("cpu")[0]
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        gpus = []
-    ids = explicit_gpu if explicit_gpu is not None else [device_id]
-    if not gpus:
-        if explicit_gpu is not None:
-            raise SolverError("--gpu was given but no GPU is available to JAX "
-                              "(install jcaffe[gpu] on a machine with a CUDA GPU, or use --cpu)")
-        _log.warning("solver_mode is GPU but no GPU is available: running on CPU")
-        return jax.devices("cpu")[0]
-    if ids == "all":
-        ids = [0]
-    if len(ids) > 1:
-        _log.warning("several GPUs requested (%s): this version trains on one, GPU %d", ids, ids[0])
-    gid = ids[0]
-    if not 0 <= gid < len(gpus):
-        raise SolverError(f"GPU {gid} requested but only {len(gpus)} GPU(s) exist")
-    return gpus[gid]
+class TrainState(NamedTuple):
+    """Everything one iteration reads and writes: a pytree.
+
+    ``params``: ``{layer: [blobs]}`` in Caffe's layout; ``opt_state``: the solver's state
+    (Caffe's history, ``iter_`` and ``current_step_``); ``iter``: int32, iterations done;
+    ``key``: the train-step PRNG stream (iteration ``i`` uses ``fold_in(key, i)``)."""
+
+    params: Any
+    opt_state: Any
+    iter: jax.Array
+    key: jax.Array
+
+
+class PRNGStreams(NamedTuple):
+    """Independent PRNG streams split from one root key."""
+
+    init: jax.Array   # parameter fillers of the train net
+    step: jax.Array   # Dropout and random transforms, folded with the iteration
+    test: jax.Array   # fillers of test-net layers the train net lacks
+    data: jax.Array   # host-side data order (shuffling readers)
+
+
+def prng_streams(key: jax.Array) -> PRNGStreams:
+    """The four streams of a run from its root key (``jax.random.split``)."""
+    return PRNGStreams(*jax.random.split(key, 4))
+
+
+def init_state(net: Net, tx: optax.GradientTransformation, key: jax.Array, *,
+               params=None) -> TrainState:
+    """A fresh ``TrainState``: the net's fillers (``prng_streams(key).init``) or ``params``,
+    the solver's initial state, iteration 0. Works under ``jax.vmap`` over ``key``."""
+    streams = prng_streams(key)
+    if params is None:
+        params = net.init(streams.init)
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), streams.step)
+
+
+def make_train_step(net: Net, tx: optax.GradientTransformation, *, iter_size: int = 1,
+                    axis_name: str | None = None):
+    """Caffe's iteration as a pure ``step(state, batch) -> (state, metrics)``.
+
+    ``batch`` maps the net's data tops to raw arrays (``net.input_specs()``), with a leading
+    axis of ``iter_size`` when ``iter_size > 1``: forward/backward runs on each sub-batch
+    (``lax.scan``), gradients are summed and the solver divides by ``iter_size`` (Caffe's
+    accumulation). Under ``axis_name`` (``shard_map``/``vmap`` axis) the summed gradients are
+    averaged over the axis — Caffe's multi-GPU sum scaled by 1/N — and so are the logged loss
+    and outputs; state updated by the forward pass (BatchNorm statistics) stays per device.
+
+    ``metrics``: ``{"loss": mean loss over iter_size, "lr": the rate the solver applied,
+    "outputs": the train net's output blobs (of the last sub-batch)}``.
+    """
+    from jcaffe import solver as solver_mod
+
+    if iter_size < 1:
+        raise SolverError(f"iter_size must be >= 1, got {iter_size}")
+    grad_fn = jax.value_and_grad(net.loss, has_aux=True)
+
+    def forward_backward(params, batch, key):
+        (loss, (blobs, new_params)), grads = grad_fn(params, batch, train=True, key=key)
+        # new_params: running statistics (BatchNorm) advance per forward pass.
+        return new_params, grads, loss, net.outputs(blobs)
+
+    def step(state: TrainState, batch):
+        key = jax.random.fold_in(state.key, state.iter)
+        if axis_name is not None:
+            # Each device draws its own Dropout masks (Caffe: one RNG per solver).
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        if iter_size == 1:
+            params, grads, loss, outputs = forward_backward(state.params, batch,
+                                                            jax.random.fold_in(key, 0))
+        else:
+            first = jax.tree.map(lambda x: x[0], batch)
+            rest = jax.tree.map(lambda x: x[1:], batch)
+            params, grads, loss, outputs = forward_backward(state.params, first,
+                                                            jax.random.fold_in(key, 0))
+
+            # The other sub-batches in a loop, not unrolled: compile time stays that of one.
+            def body(carry, xs):
+                params, grads, total, _ = carry
+                k, sub = xs
+                params, g, l, out = forward_backward(params, sub, jax.random.fold_in(key, k))
+                return (params, jax.tree.map(jnp.add, grads, g), total + l, out), None
+
+            (params, grads, loss, outputs), _ = jax.lax.scan(
+                body, (params, grads, loss, outputs),
+                (jnp.arange(1, iter_size, dtype=jnp.int32), rest))
+            loss = loss / iter_size  # Caffe logs the mean loss over iter_size
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+            loss, outputs = jax.lax.pmean((loss, outputs), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "lr": solver_mod.applied_rate(opt_state), "outputs": outputs}
+        return TrainState(params, opt_state, state.iter + 1, state.key), metrics
+
+    return step
+
+
+def scan_steps(step, state: TrainState, batches):
+    """``step`` over the leading axis of ``batches`` (``lax.scan``): the final state and the
+    stacked metrics."""
+    return jax.lax.scan(step, state, batches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,21 +181,47 @@ def solver_nets(sp: caffe_pb2.SolverParameter):
             [(t, netstate.test_net_state(sp, t, i)) for i, t in enumerate(tests)])
 
 
+def _share(train_params, own_params):
+    """Caffe's ShareTrainedLayersWith: test layers take the train blobs of the same name."""
+    return {name: train_params[name] if name in train_params else blobs
+            for name, blobs in own_params.items()}
+
+
+def _int_seed(key: jax.Array) -> int:
+    return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def _root_copy(tree):
+    """Replicated arrays as this process's first device's copy (zero-copy views)."""
+    def one(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            return x.addressable_shards[0].data
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 # ---------------------------------------------------------------------------------------------
-# The trainer
+# The trainer: Caffe's Solve loop
 # ---------------------------------------------------------------------------------------------
 class Trainer:
-    """Caffe's SGDSolver over jcaffe nets. ``solve()`` runs to ``max_iter``.
+    """Caffe's Solver over jcaffe nets on one or many devices. ``solve()`` runs to ``max_iter``.
 
-    Research code can use the pieces directly: ``trainer.net``, ``trainer.params``,
-    ``trainer.opt_state``, ``trainer.tx`` (the optax solver) and ``trainer.step_fn``
-    (``(params, opt_state, batches, it) -> (params, opt_state, loss, outputs)``, jitted).
+    ``devices``: the devices to train on (default: what the solver's ``solver_mode`` /
+    ``device_id`` say; several devices train data-parallel with Caffe's semantics);
+    ``config``: how the nets run (``jcaffe.config.Config``); ``weights``: caffemodels to
+    fine-tune from (default: the solver's ``weights`` field); ``iters_per_call``: iterations
+    fused into one dispatch.
+
+    The pieces are public: ``net``, ``test_nets``, ``tx`` (the optax solver), ``state`` (the
+    ``TrainState``; ``params`` / ``opt_state`` / ``iter`` read it) and ``step`` (the pure
+    ``make_train_step`` function, to embed in your own JAX code).
     """
 
     def __init__(self, solver: caffe_pb2.SolverParameter | str, *, solver_path: str | None = None,
-                 device: jax.Device | None = None, weights: Sequence[str] | str | None = None,
-                 data_on_device: bool | None = None, iters_per_call: int = 100,
-                 verbose: bool = True):
+                 devices: Sequence[jax.Device] | None = None, device: jax.Device | None = None,
+                 config: Config | None = None, weights: Sequence[str] | str | None = None,
+                 iters_per_call: int = 100, verbose: bool = True):
         from jcaffe import prototxt
         from jcaffe import solver as solver_mod
 
@@ -118,71 +231,132 @@ class Trainer:
         self.sp = sp = solver
         self.solver_path = solver_path
         self.verbose = verbose
-        self.device = device or select_device(sp.solver_mode if sp.HasField("solver_mode")
-                                              else _SP.GPU, sp.device_id)
         if sp.max_iter < 0:
             raise SolverError("max_iter must be >= 0")
         if sp.iter_size < 1:
             raise SolverError("iter_size must be >= 1")
+        if device is not None and devices is not None:
+            raise SolverError("give device or devices, not both")
+        self.devices = list(devices if devices is not None else
+                            [device] if device is not None else parallel.select_devices(sp))
+        platforms = {d.platform for d in self.devices}
+        if len(platforms) != 1:
+            raise SolverError(f"devices of one platform only, got {sorted(platforms)}")
+        self.ranks = len(self.devices)
+        self.mesh = parallel.make_mesh(self.devices) if self.ranks > 1 else None
+        local = [d for d in self.devices if d.process_index == jax.process_index()]
+        if not local:
+            raise SolverError(f"process {jax.process_index()} owns none of the devices")
+        self.root_device = local[0]
+        self.config = (config or Config()).resolved(self.devices[0].platform)
         if verbose:
-            _log.info("Using device %s", self.device)
+            _log.info("Using %s", ", ".join(str(d) for d in self.devices) if self.ranks < 9
+                      else f"{self.ranks} {self.devices[0].platform} devices")
             _log.info("Initializing solver from parameters:\n%s", _short_text(sp))
+        self._warn_fields()
 
+        self.seed = self._root_seed()
+        streams = prng_streams(jax.random.key(self.seed))
+        self._streams = streams
+        # The step stream's key lives in the (donated) state; keep a host copy to rebuild it.
+        self._step_key_data = np.asarray(jax.random.key_data(streams.step))
         (train_param, train_state), tests = solver_nets(sp)
-        with jax.default_device(self.device):
-            platform = self.device.platform
-            self.net = Net(train_param, state=train_state, platform=platform, verbose=verbose)
-            self.test_nets = [Net(p, state=st, platform=platform, verbose=verbose)
+        with jax.default_device(self.root_device):
+            self.net = Net(train_param, state=train_state, config=self.config, verbose=verbose)
+            self.test_nets = [Net(p, state=st, config=self.config, verbose=verbose)
                               for p, st in tests]
-            seed = sp.random_seed if sp.random_seed >= 0 else int(time.time_ns() % (2**31))
-            self.key = jax.random.key(seed)
-            params = self.net.init(jax.random.fold_in(self.key, 0x7FFFFFFF))
+            self._check_test_sharing()
+            self.tx = solver_mod.build_solver(sp, self.net)
+            weights = list(sp.weights) if weights is None else (
+                [w for w in weights.split(",") if w] if isinstance(weights, str) else list(weights))
+            params = self.net.init(streams.init)
+            self._test_own = [tn.init(jax.random.fold_in(streams.test, i))
+                              for i, tn in enumerate(self.test_nets)]
             if weights:
                 params = self.load_weights(params, weights)
-            self.params = jax.device_put(params, self.device)
-            self.lr_mults, self.decay_mults = self._param_mults()
-            self.tx = solver_mod.build_solver(sp, self.lr_mults, self.decay_mults)
-            # One program for all history buffers (op by op, each shape compiles alone).
-            # (device_put commits it to the device, like the step's outputs: no recompile.)
-            self.opt_state = jax.device_put(jax.jit(self.tx.init)(self.params), self.device)
-        self._check_test_sharing()
-        # XLA's CPU convolution falls back to naive kernels inside loops: nets that use it
-        # (see vision.IM2COL_MAX_ELEMS) run one iteration per dispatch.
-        self.use_scan = not (self.device.platform == "cpu" and any(
-            n.conv_formulation(l) == "xla" for n in [self.net] + self.test_nets
-            for l in n.layers if l.type in ("Convolution", "Deconvolution")))
-        self.iter = 0
+            # One compiled program for all history buffers (op by op, each shape compiles
+            # alone); committed to the device like the step's outputs, so nothing recompiles.
+            state = TrainState(params, jax.jit(self.tx.init)(params), jnp.zeros((), jnp.int32),
+                               self._step_key())
+        self._set_state(state)
+        self.step = make_train_step(self.net, self.tx, iter_size=sp.iter_size,
+                                    axis_name=parallel.DATA_AXIS if self.mesh else None)
+        # XLA's CPU convolution is naive inside loops: such nets run one iteration per dispatch.
+        scan_ok = self.net.scan_ok and all(tn.scan_ok for tn in self.test_nets)
+        self.iters_per_call = max(1, int(iters_per_call)) if scan_ok else 1
+        self._test_scan = scan_ok
         self.tests_done = 0
         self.losses: collections.deque = collections.deque(maxlen=max(1, sp.average_loss))
-        self.iters_per_call = max(1, int(iters_per_call))
         self._requested: str | None = None
         self._feeds = None
-        self._data_on_device = data_on_device
-        self._compiled: dict[Any, Callable] = {}
         self.last_snapshot: str | None = None
+        self._programs()
+        if self.mesh is not None and verbose:
+            _log.info("Data parallel on %d devices: batch %s per device; gradients averaged "
+                      "over devices (layer_wise_reduce: XLA schedules the all-reduce)",
+                      self.ranks, [l.batch_size for l in self.net.data_layers
+                                   if hasattr(l, "batch_size")] or "?")
 
-    # -- parameters --------------------------------------------------------------------------
-    def _param_mults(self):
-        lr = {k: [None] * len(v) for k, v in self.params.items()}
-        dm = {k: [None] * len(v) for k, v in self.params.items()}
-        for p in self.net.params_info:
-            lr[p.layer][p.index] = p.lr_mult
-            dm[p.layer][p.index] = p.decay_mult
-        return lr, dm
+    # -- set-up ------------------------------------------------------------------------------
+    def _root_seed(self) -> int:
+        seed = int(self.sp.random_seed)
+        if seed < 0:
+            seed = secrets.randbits(31)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
+            if self.verbose:
+                _log.info("random_seed is -1: using root seed %d (set random_seed: %d to "
+                          "repeat this run)", seed, seed)
+        return seed
+
+    def _warn_fields(self) -> None:
+        sp = self.sp
+        if sp.snapshot_diff:
+            _log.warning("snapshot_diff: true is not supported: snapshots hold weights only "
+                         "(gradients are not kept between iterations)")
+        if sp.debug_info:
+            _log.info("debug_info: per-layer data/diff norms are logged at display iterations")
+
+    def _step_key(self) -> jax.Array:
+        return jax.random.wrap_key_data(jnp.asarray(self._step_key_data))
+
+    def _set_state(self, state: TrainState) -> None:
+        if self.mesh is not None:
+            state = parallel.put_replicated(state, self.mesh)
+        else:
+            state = jax.device_put(state, self.root_device)
+        self.state = state
+        self._iter = int(jax.device_get(_root_copy(state.iter)))
+
+    @property
+    def params(self):
+        return self.state.params
+
+    @property
+    def opt_state(self):
+        return self.state.opt_state
+
+    @property
+    def iter(self) -> int:
+        return self._iter
 
     def params_order(self) -> list[tuple[str, int]]:
         """Caffe's learnable_params order: owned blobs in layer order."""
         return [(p.layer, p.index) for p in self.net.params_info]
 
-    def load_weights(self, params, weights):
+    def load_weights(self, params, weights: Sequence[str]):
         from jcaffe.caffemodel import load_caffemodel
 
-        if isinstance(weights, str):
-            weights = [w for w in weights.split(",") if w]
         for w in weights:
             if self.verbose:
                 _log.info("Finetuning from %s", w)
-            params = self.net.copy_from(params, load_caffemodel(w), filename=w)
+            source = load_caffemodel(w)
+            params = self.net.copy_from(params, source, filename=w)
+            # Caffe copies the weights into the test nets too (their own layers included).
+            self._test_own = [tn.copy_from(own, source, filename=w)
+                              for tn, own in zip(self.test_nets, self._test_own)]
         return params
 
     def _check_test_sharing(self) -> None:
@@ -196,159 +370,116 @@ class Trainer:
 
     def test_params(self, i: int, params=None):
         """The test net's params: the train net's blobs for layers of the same name."""
-        self._setup_feeds()
-        return _share(self.params if params is None else params, self._test_own[i])
+        return _share(_root_copy(self.params if params is None else params), self._test_own[i])
 
     # -- data --------------------------------------------------------------------------------
     def _setup_feeds(self):
         if self._feeds is not None:
             return
-        self._test_own = [tn.init(jax.random.fold_in(self.key, 1000 + i))
-                          for i, tn in enumerate(self.test_nets)]
-        seed = max(0, int(self.sp.random_seed))
-        self._feeds = {"train": _NetFeed(self.net, self.device, self._data_on_device, seed)}
+        from jcaffe.data.netfeed import NetFeed
+
+        on_device = self.config.data_on_device
+        data = self._streams.data
+
+        def seeds(net, k):
+            return [_int_seed(jax.random.fold_in(data, 1000 * k + i))
+                    for i in range(len(net.data_layers))]
+
+        placement = parallel.replicated(self.mesh) if self.mesh is not None else self.root_device
+        self._feeds = {"train": NetFeed(self.net, placement, on_device, seeds(self.net, 0),
+                                        ranks=self.ranks)}
         for i, tn in enumerate(self.test_nets):
-            self._feeds[i] = _NetFeed(tn, self.device, self._data_on_device, seed + 100 * (i + 1))
+            self._feeds[i] = NetFeed(tn, self.root_device, on_device, seeds(tn, i + 1))
 
-    # -- the fused step ----------------------------------------------------------------------
-    def _grads(self, params, batches, key):
-        """Forward/backward over iter_size batches: mean loss, summed gradients, outputs."""
-        net = self.net
-        grad_fn = jax.value_and_grad(net.loss, has_aux=True)
+    # -- compiled programs -------------------------------------------------------------------
+    def _programs(self) -> None:
+        """The jitted programs: train chunks from device-resident data or stacked host
+        batches, and the test pass. Each is one ``jax.jit``; JAX caches its compilations."""
+        iter_size = self.sp.iter_size
+        step = self.step
+        P = jax.sharding.PartitionSpec
 
-        def sub_batch(params, batch, k):
-            (loss, (blobs, new_params)), g = grad_fn(params, batch, train=True,
-                                                     key=jax.random.fold_in(key, k))
-            # new_params: running statistics (BatchNorm) advance per forward pass.
-            return new_params, g, loss, net.outputs(blobs)
-
-        params, grads, total_loss, outputs = sub_batch(params, batches[0], 0)
-        if len(batches) > 1:
-            # The other sub-batches in a loop, not unrolled: compile time stays that of one.
-            def body(carry, xs):
-                params, grads, total_loss, _ = carry
-                params, g, loss, outputs = sub_batch(params, xs[1], xs[0])
-                return (params, jax.tree.map(jnp.add, grads, g), total_loss + loss,
-                        outputs), None
-
-            rest = jax.tree.map(lambda *xs: jnp.stack(xs), *batches[1:])
-            (params, grads, total_loss, outputs), _ = jax.lax.scan(
-                body, (params, grads, total_loss, outputs),
-                (jnp.arange(1, len(batches), dtype=jnp.int32), rest))
-        # Caffe logs the mean loss over iter_size; gradients are summed (the solver divides).
-        return total_loss / len(batches), grads, outputs, params
-
-    def step_fn(self, params, opt_state, batches, it):
-        """One Caffe iteration: (params, opt_state, [iter_size raw batches], it) → new state."""
-        key = jax.random.fold_in(self.key, it)
-        loss, grads, outputs, params = self._grads(params, batches, key)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, outputs
-
-    def _multi_step(self, n: int):
-        """A jitted program running ``n`` iterations (lax.scan) on device-resident data."""
-        key = ("train", n)
-        if key in self._compiled:
-            return self._compiled[key]
-        feed = self._feeds["train"]
-
-        def run(params, opt_state, arrays, it0):
-            def body(carry, i):
-                params, opt_state = carry
-                it = it0 + i
-                batches = [feed.batch_at(arrays, it * self.sp.iter_size + k)
-                           for k in range(self.sp.iter_size)]
-                params, opt_state, loss, outputs = self.step_fn(params, opt_state, batches, it)
-                return (params, opt_state), (loss, outputs)
-
-            (params, opt_state), (losses, outputs) = jax.lax.scan(
-                body, (params, opt_state), jnp.arange(n, dtype=jnp.int32))
-            return params, opt_state, losses, outputs
-
-        fn = jax.jit(run, donate_argnums=(0, 1))
-        self._compiled[key] = fn
-        return fn
-
-    def _resident_step(self):
-        """One iteration per dispatch, slicing its batch from device-resident data."""
-        key = ("train", "resident1")
-        if key not in self._compiled:
+        def resident(state, arrays, n):
             feed = self._feeds["train"]
+            rank = jax.lax.axis_index(parallel.DATA_AXIS) if self.mesh is not None else 0
 
-            def run(params, opt_state, arrays, it):
-                batches = [feed.batch_at(arrays, it * self.sp.iter_size + k)
-                           for k in range(self.sp.iter_size)]
-                params, opt_state, loss, outputs = self.step_fn(params, opt_state, batches, it)
-                return params, opt_state, loss[None], jax.tree.map(lambda x: x[None], outputs)
+            def body(state, i):
+                it = state.iter
+                subs = [feed.batch_at(arrays, it * iter_size + s, rank)
+                        for s in range(iter_size)]
+                batch = subs[0] if iter_size == 1 else jax.tree.map(
+                    lambda *xs: jnp.stack(xs), *subs)
+                return step(state, batch)
 
-            self._compiled[key] = jax.jit(run, donate_argnums=(0, 1))
-        return self._compiled[key]
+            return jax.lax.scan(body, state, jnp.arange(n, dtype=jnp.int32))
 
-    def _host_step(self):
-        key = ("train", "host")
-        if key not in self._compiled:
-            def run(params, opt_state, batches, it):
-                params, opt_state, loss, outputs = self.step_fn(params, opt_state, batches, it)
-                return params, opt_state, loss[None], jax.tree.map(lambda x: x[None], outputs)
+        def host(state, batches):
+            return scan_steps(step, state, batches)
 
-            self._compiled[key] = jax.jit(run, donate_argnums=(0, 1))
-        return self._compiled[key]
+        if self.mesh is not None:
+            mesh = self.mesh
+            batch_axis = 2 if iter_size > 1 else 1
+            resident_fn = lambda state, arrays, n: jax.shard_map(  # noqa: E731
+                lambda s, a: resident(s, a, n), mesh=mesh, in_specs=(P(), P()),
+                out_specs=(P(), P()), check_vma=False)(state, arrays)
+            host_fn = jax.shard_map(host, mesh=mesh,
+                                    in_specs=(P(), P(*([None] * batch_axis + ["data"]))),
+                                    out_specs=(P(), P()), check_vma=False)
+        else:
+            resident_fn, host_fn = resident, host
+        self._run_resident = jax.jit(resident_fn, static_argnums=(2,), donate_argnums=(0,))
+        self._run_host = jax.jit(host_fn, donate_argnums=(0,))
+
+    def _call(self, fn, what: str, *args):
+        """Calls a jitted program; logs when (and how long) it had to compile."""
+        before = fn._cache_size()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if fn._cache_size() > before and self.verbose:
+            # Dispatch is asynchronous: the call returns once compiled and queued.
+            _log.info("Compiled %s in %.2f s", what, time.perf_counter() - t0)
+        return out
 
     def run_iterations(self, n: int):
-        """Runs ``n`` iterations from ``self.iter``; returns per-iteration losses and outputs."""
+        """Runs ``n`` iterations from ``self.iter`` in one dispatch; returns the stacked
+        metrics (``loss``, ``lr``, ``outputs``), not yet synchronised."""
         self._setup_feeds()
         feed = self._feeds["train"]
-        with jax.default_device(self.device):
-            if feed.on_device and self.use_scan:
-                fn = self._multi_step(n)
-                self.params, self.opt_state, losses, outputs = fn(
-                    self.params, self.opt_state, feed.arrays, jnp.int32(self.iter))
-            elif feed.on_device:
-                fn = self._resident_step()
-                loss_list, out_list = [], []
-                for i in range(n):
-                    self.params, self.opt_state, l, o = fn(self.params, self.opt_state,
-                                                           feed.arrays, jnp.int32(self.iter + i))
-                    loss_list.append(l)
-                    out_list.append(o)
-                losses = jnp.concatenate(loss_list)
-                outputs = jax.tree.map(lambda *xs: jnp.concatenate(xs), *out_list)
+        what = f"the train step ({n} iteration{'s' if n > 1 else ''} per dispatch)"
+        with jax.default_device(self.root_device):
+            if feed.on_device:
+                self.state, metrics = self._call(self._run_resident, what, self.state,
+                                                 feed.arrays, n)
             else:
-                fn = self._host_step()
-                loss_list, out_list = [], []
-                for i in range(n):
-                    it = self.iter + i
-                    batches = [feed.host_batch(it * self.sp.iter_size + k)
-                               for k in range(self.sp.iter_size)]
-                    self.params, self.opt_state, l, o = fn(self.params, self.opt_state, batches,
-                                                           jnp.int32(it))
-                    loss_list.append(l)
-                    out_list.append(o)
-                losses = jnp.concatenate(loss_list)
-                outputs = jax.tree.map(lambda *xs: jnp.concatenate(xs), *out_list)
-        self.iter += n
-        return losses, outputs
+                batches = feed.chunk(self._iter * self.sp.iter_size, n, self.sp.iter_size)
+                if self.mesh is not None:
+                    axis = 2 if self.sp.iter_size > 1 else 1
+                    batches = parallel.put_sharded(batches, self.mesh, axis)
+                self.state, metrics = self._call(self._run_host, what, self.state, batches)
+        self._iter += n
+        return metrics
 
     # -- testing -----------------------------------------------------------------------------
-    def _test_fn(self, i: int, n: int):
-        key = ("test", i, n)
-        if key in self._compiled:
-            return self._compiled[key]
+    def _test_fn(self, i: int):
+        if not hasattr(self, "_test_fns"):
+            self._test_fns = {}
+        if i in self._test_fns:
+            return self._test_fns[i]
         tn = self.test_nets[i]
         feed = self._feeds[i]
+        own = self._test_own[i]
+        compute_loss = bool(self.sp.test_compute_loss)
 
         def scores(params, batch):
-            blobs = tn.apply(params, batch, train=False)
-            return {k: jnp.asarray(v, jnp.float32) for k, v in tn.outputs(blobs).items()}
+            loss, (blobs, _) = tn.loss(params, batch, train=False, frozen=False)
+            out = {k: jnp.asarray(v, jnp.float32) for k, v in tn.outputs(blobs).items()}
+            if compute_loss:
+                out = {**out, "(test loss)": loss.astype(jnp.float32)}
+            return out
 
-        if feed.on_device and not self.use_scan:
-            def run(train_params, arrays, b):
-                params = _share(train_params, self._test_own[i])
-                return scores(params, feed.batch_at(arrays, b))
-        elif feed.on_device:
-            def run(train_params, arrays, b0):
-                params = _share(train_params, self._test_own[i])
+        if feed.on_device:
+            def run(train_params, arrays, b0, n):
+                params = _share(train_params, own)
 
                 def body(acc, j):
                     s = scores(params, feed.batch_at(arrays, b0 + j))
@@ -356,13 +487,12 @@ class Trainer:
 
                 zero = jax.tree.map(jnp.zeros_like,
                                     jax.eval_shape(scores, params, feed.batch_at(arrays, b0)))
-                total, _ = jax.lax.scan(body, zero, jnp.arange(n, dtype=jnp.int32))
-                return total
+                return jax.lax.scan(body, zero, jnp.arange(n, dtype=jnp.int32))[0]
+
+            fn = jax.jit(run, static_argnums=(3,))
         else:
-            def run(train_params, batch):
-                return scores(_share(train_params, self._test_own[i]), batch)
-        fn = jax.jit(run)
-        self._compiled[key] = fn
+            fn = jax.jit(lambda train_params, batch: scores(_share(train_params, own), batch))
+        self._test_fns[i] = fn
         return fn
 
     def test(self, i: int = 0) -> dict[str, np.ndarray]:
@@ -371,25 +501,24 @@ class Trainer:
         return self._test_means(i, self._dispatch_test(i))
 
     def _dispatch_test(self, i: int):
-        """Queues test net ``i``'s pass on the device; returns the (unsynchronised) sums."""
+        """Queues test net ``i``'s pass on the root device; returns the (unsynchronised)
+        sums. As in Caffe, only the root solver tests."""
         self._setup_feeds()
         n = int(self.sp.test_iter[i])
         feed = self._feeds[i]
+        fn = self._test_fn(i)
         b0 = self.tests_done * n  # Caffe's test reader continues where the last test stopped
-        with jax.default_device(self.device):
-            if feed.on_device and self.use_scan:
-                return self._test_fn(i, n)(self.params, feed.arrays, jnp.int32(b0))
-            if feed.on_device:
-                fn = self._test_fn(i, 1)
-                total = None
-                for j in range(n):
-                    s = fn(self.params, feed.arrays, jnp.int32(b0 + j))
-                    total = s if total is None else jax.tree.map(jnp.add, total, s)
-                return total
-            fn = self._test_fn(i, 1)
+        params = _root_copy(self.params)
+        what = f"test net #{i}"
+        with jax.default_device(self.root_device):
+            if feed.on_device and self._test_scan:
+                return self._call(fn, what, params, feed.arrays, jnp.int32(b0), n)
             total = None
             for j in range(n):
-                s = fn(self.params, feed.host_batch(b0 + j))
+                if feed.on_device:
+                    s = self._call(fn, what, params, feed.arrays, jnp.int32(b0 + j), 1)
+                else:
+                    s = self._call(fn, what, params, feed.host_batch(b0 + j))
                 total = s if total is None else jax.tree.map(jnp.add, total, s)
             return total
 
@@ -398,31 +527,38 @@ class Trainer:
         return {k: np.asarray(v) / n for k, v in jax.device_get(total).items()}
 
     def test_all(self) -> list[dict[str, np.ndarray]]:
-        return self._log_tests(self.iter, [self._dispatch_test(i)
-                                           for i in range(len(self.test_nets))])
+        return self._log_tests(self._iter, [self._dispatch_test(i)
+                                            for i in range(len(self.test_nets))])
 
     def _log_tests(self, it: int, totals) -> list[dict[str, np.ndarray]]:
         results = []
         for i, total in enumerate(totals):
             _log.info("Iteration %d, Testing net (#%d)", it, i)
             means = self._test_means(i, total)
-            k = 0
-            for name in self.test_nets[i].output_names:
-                w = self.test_nets[i].output_loss_weight(name)
-                for v in np.ravel(means[name]):
-                    if w:
-                        _log.info("    Test net output #%d: %s = %.6g (* %g = %.6g loss)",
-                                  k, name, v, w, v * w)
-                    else:
-                        _log.info("    Test net output #%d: %s = %.6g", k, name, v)
-                    k += 1
+            if "(test loss)" in means:
+                _log.info("Test loss: %.6g", float(means.pop("(test loss)")))
+            self._log_outputs("Test", self.test_nets[i], means)
             results.append(means)
         self.tests_done += 1
         return results
 
+    def _log_outputs(self, kind: str, net: Net, values: dict) -> None:
+        k = 0
+        for name in net.output_names:
+            w = net.output_loss_weight(name)
+            shown = getattr(net, "output_display_name", lambda n: n)(name)
+            for v in np.ravel(values[name]):
+                if w:
+                    _log.info("    %s net output #%d: %s = %.6g (* %g = %.6g loss)", kind, k,
+                              shown, v, w, v * w)
+                else:
+                    _log.info("    %s net output #%d: %s = %.6g", kind, k, shown, v)
+                k += 1
+
     # -- snapshots ---------------------------------------------------------------------------
     def snapshot(self) -> tuple[str, str]:
-        """Writes ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (atomically)."""
+        """Writes ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (atomically); in a
+        multi-process run only process 0 writes (the root solver's weights)."""
         from jcaffe import caffemodel
         from jcaffe import solver as solver_mod
 
@@ -430,15 +566,18 @@ class Trainer:
         prefix = self.sp.snapshot_prefix
         if not prefix:
             prefix = os.path.splitext(self.solver_path or "jcaffe")[0]
-        model_path, state_path = caffemodel.snapshot_filenames(prefix, self.iter, fmt)
+        model_path, state_path = caffemodel.snapshot_filenames(prefix, self._iter, fmt)
+        if not parallel.is_main_process():
+            self.last_snapshot = state_path
+            return model_path, state_path
         os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
-        params, opt_state = jax.device_get((self.params, self.opt_state))
+        params, opt_state = parallel.local_copy((self.params, self.opt_state))
         kind = "HDF5" if fmt == "hdf5" else "binary proto"
         _log.info("Snapshotting to %s file %s", kind, model_path)
         caffemodel.save_caffemodel(model_path, self.net, params, fmt=fmt)
         _log.info("Snapshotting solver state to %s file %s", kind, state_path)
         history = solver_mod.history_to_caffe(opt_state, self.params_order())
-        caffemodel.write_solverstate(state_path, iter=self.iter, learned_net=model_path,
+        caffemodel.write_solverstate(state_path, iter=self._iter, learned_net=model_path,
                                      history=history,
                                      current_step=int(solver_mod.get_current_step(opt_state)),
                                      fmt=fmt)
@@ -446,7 +585,8 @@ class Trainer:
         return model_path, state_path
 
     def restore(self, state_path: str) -> None:
-        """Resumes from a ``.solverstate`` (and the ``.caffemodel`` it names), like Caffe."""
+        """Resumes from a ``.solverstate`` (and the ``.caffemodel`` it names), like Caffe.
+        Any device count can continue any snapshot."""
         from jcaffe import caffemodel
         from jcaffe import solver as solver_mod
 
@@ -455,29 +595,31 @@ class Trainer:
         if model and not os.path.exists(model):
             alt = os.path.join(os.path.dirname(state_path), os.path.basename(model))
             model = alt if os.path.exists(alt) else model
-        params = jax.device_get(self.params)
+        params = parallel.local_copy(self.params)
         if model:
             params = self.net.copy_from(params, caffemodel.load_caffemodel(model), filename=model)
-        with jax.default_device(self.device):
-            self.params = jax.device_put(params, self.device)
-            template = self.tx.init(self.params)
-            self.opt_state = jax.device_put(solver_mod.history_from_caffe(
-                template, st.history, self.params_order(), st.iter, st.current_step), self.device)
-        self.iter = int(st.iter)
+        with jax.default_device(self.root_device):
+            template = self.tx.init(params)
+            opt_state = solver_mod.history_from_caffe(template, st.history, self.params_order(),
+                                                      st.iter, st.current_step)
+            state = TrainState(params, opt_state, jnp.asarray(int(st.iter), jnp.int32),
+                               self._step_key())
+        self._set_state(state)
         sp = self.sp
         if sp.test_interval and len(self.test_nets):
-            self.tests_done = sum(1 for m in range(0, self.iter, sp.test_interval)
+            self.tests_done = sum(1 for m in range(0, self._iter, sp.test_interval)
                                   if m > 0 or sp.test_initialization)
-        _log.info("Restoring previous solver status from %s (iteration %d)", state_path, self.iter)
+        _log.info("Restoring previous solver status from %s (iteration %d)", state_path,
+                  self._iter)
 
     # -- the loop ----------------------------------------------------------------------------
     def request(self, action: str) -> None:
-        """Asks the loop to 'stop' or 'snapshot' at the next iteration boundary (signals)."""
+        """Asks the loop to 'stop' or 'snapshot' at the next chunk boundary (signals)."""
         self._requested = action
 
     def _chunk(self, stop_iter: int) -> int:
         sp = self.sp
-        it = self.iter
+        it = self._iter
         n = min(self.iters_per_call, stop_iter - it)
         for every in (sp.display, sp.test_interval if self.test_nets else 0, sp.snapshot):
             if every > 0:
@@ -486,8 +628,8 @@ class Trainer:
 
     def _test_due(self) -> bool:
         sp = self.sp
-        return bool(sp.test_interval and self.test_nets and self.iter % sp.test_interval == 0
-                    and (self.iter > 0 or sp.test_initialization))
+        return bool(sp.test_interval and self.test_nets and self._iter % sp.test_interval == 0
+                    and (self._iter > 0 or sp.test_initialization))
 
     def solve(self, max_iter: int | None = None) -> dict:
         """Caffe's Solver::Solve from ``self.iter`` to ``max_iter``; returns the last tests.
@@ -501,20 +643,20 @@ class Trainer:
         _log.info("Learning Rate Policy: %s", sp.lr_policy)
         self._setup_feeds()
         results: dict = {}
-        self._clock = (time.perf_counter(), self.iter)
+        self._clock = (time.perf_counter(), self._iter)
         pending = None
-        while self.iter < stop_iter:
+        while self._iter < stop_iter:
             tests = None
             if self._test_due():
-                tests = (self.iter, [self._dispatch_test(i) for i in range(len(self.test_nets))])
-            start, n = self.iter, self._chunk(stop_iter)
-            losses, outputs = self.run_iterations(n)
+                tests = (self._iter, [self._dispatch_test(i) for i in range(len(self.test_nets))])
+            start, n = self._iter, self._chunk(stop_iter)
+            metrics = self.run_iterations(n)
             if pending:
                 self._finish_chunk(*pending)
             if tests:
                 results["test"] = self._log_tests(*tests)
-            pending = (start, n, losses, outputs)
-            snapshot_due = sp.snapshot and self.iter % sp.snapshot == 0
+            pending = (start, n, metrics)
+            snapshot_due = sp.snapshot and self._iter % sp.snapshot == 0
             if snapshot_due or self._requested:
                 self._finish_chunk(*pending)
                 pending = None
@@ -525,26 +667,24 @@ class Trainer:
                 if action in ("snapshot", "stop") and not snapshot_due:
                     self.snapshot()
                 if action == "stop":
-                    _log.info("Optimization stopped early at iteration %d.", self.iter)
+                    _log.info("Optimization stopped early at iteration %d.", self._iter)
                     return results
         if pending:
             self._finish_chunk(*pending)
-        if sp.snapshot_after_train and (not sp.snapshot or self.iter % sp.snapshot != 0):
+        if sp.snapshot_after_train and (not sp.snapshot or self._iter % sp.snapshot != 0):
             self.snapshot()
-        if sp.display and self.iter % sp.display == 0 and self.iter == stop_iter:
+        if sp.display and self._iter % sp.display == 0 and self._iter == stop_iter:
             self.losses.append(self.forward_loss())
-            _log.info("Iteration %d, loss = %.6g", self.iter, float(np.mean(self.losses)))
-        if sp.test_interval and self.test_nets and self.iter % sp.test_interval == 0:
+            _log.info("Iteration %d, loss = %.6g", self._iter, float(np.mean(self.losses)))
+        if sp.test_interval and self.test_nets and self._iter % sp.test_interval == 0:
             results["test"] = self.test_all()
         _log.info("Optimization Done.")
         return results
 
-    def _finish_chunk(self, start: int, n: int, losses, outputs) -> None:
+    def _finish_chunk(self, start: int, n: int, metrics) -> None:
         """Reads a finished chunk's losses: divergence check, smoothing, Caffe's display."""
-        from jcaffe import solver as solver_mod
-
         sp = self.sp
-        losses = np.asarray(jax.device_get(losses))
+        losses = np.asarray(jax.device_get(_root_copy(metrics["loss"])))
         bad = np.flatnonzero(~np.isfinite(losses))
         if bad.size:
             raise SolverError(
@@ -553,7 +693,7 @@ class Trainer:
                 f"{self.last_snapshot or 'none'}")
         shown = [j for j in range(n) if sp.display and (start + j) % sp.display == 0]
         if shown:
-            outputs = jax.device_get(outputs)
+            outputs, rates = jax.device_get(_root_copy((metrics["outputs"], metrics["lr"])))
         for j in range(n):
             it = start + j
             self.losses.append(float(losses[j]))
@@ -565,149 +705,63 @@ class Trainer:
             rate = (it - it_last) / dt if it > it_last and dt > 0 else 0.0
             _log.info("Iteration %d (%.4g iter/s, %.4gs/%d iters), loss = %.6g", it, rate, dt,
                       sp.display, float(np.mean(self.losses)))
-            self._log_train_outputs({k: v[j] for k, v in outputs.items()})
-            _log.info("Iteration %d, lr = %.6g", it, solver_mod.learning_rate(sp, it))
+            self._log_outputs("Train", self.net, {k: v[j] for k, v in outputs.items()})
+            _log.info("Iteration %d, lr = %.6g", it, float(rates[j]))
             self._clock = (now, it)
+        if shown and sp.debug_info:
+            self.log_debug_info()
+
+    def _next_batch(self):
+        feed = self._feeds["train"]
+        b = self._iter * self.sp.iter_size
+        if not feed.on_device:
+            batch = feed.host_batch(b)
+        else:
+            arrays = _root_copy(feed.arrays)
+            batch = jax.jit(feed.batch_at, static_argnums=(2,))(arrays, jnp.int32(b), 0)
+        if self.ranks > 1 and not feed.on_device:
+            # The root device's share of the global batch (block 0).
+            batch = {k: np.asarray(v)[: np.asarray(v).shape[0] // self.ranks]
+                     for k, v in batch.items()}
+        return batch
 
     def forward_loss(self) -> float:
         """The train net's loss on the next batch (Caffe's final display after training)."""
-        feed = self._feeds["train"]
-        key = ("train", "loss")
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(
-                lambda p, b, it: self.net.loss(p, b, train=True,
-                                               key=jax.random.fold_in(self.key, it))[0])
-        batch = (feed.host_batch(self.iter * self.sp.iter_size) if not feed.on_device else
-                 jax.jit(feed.batch_at)(feed.arrays, jnp.int32(self.iter * self.sp.iter_size)))
-        return float(self._compiled[key](self.params, batch, jnp.int32(self.iter)))
+        batch = self._next_batch()
+        key = jax.random.fold_in(jax.random.fold_in(self._step_key(), self._iter), 0)
+        fn = jax.jit(lambda p, b: self.net.loss(p, b, train=True, key=key)[0])
+        with jax.default_device(self.root_device):
+            return float(fn(_root_copy(self.params), batch))
 
-    def _log_train_outputs(self, outputs: dict) -> None:
-        k = 0
-        for name in self.net.output_names:
-            w = self.net.output_loss_weight(name)
-            for v in np.ravel(outputs[name]):
-                if w:
-                    _log.info("    Train net output #%d: %s = %.6g (* %g = %.6g loss)", k, name, v,
-                              w, v * w)
-                else:
-                    _log.info("    Train net output #%d: %s = %.6g", k, name, v)
-                k += 1
+    def log_debug_info(self) -> None:
+        """Caffe's ``debug_info``: mean absolute values of every layer's top data and of every
+        parameter blob's data and gradient, on the next batch of the root device."""
+        batch = self._next_batch()
+        params = _root_copy(self.params)
+        key = jax.random.fold_in(jax.random.fold_in(self._step_key(), self._iter), 0)
+
+        def probe(p):
+            loss, (blobs, _) = self.net.loss(p, batch, train=True, key=key)
+            return loss, blobs
+
+        with jax.default_device(self.root_device):
+            (_, blobs), grads = jax.jit(jax.value_and_grad(probe, has_aux=True))(params)
+            blobs, grads, params = jax.device_get((blobs, grads, params))
+        asum = lambda x: float(np.mean(np.abs(np.asarray(x, np.float64))))  # noqa: E731
+        for layer in self.net.layers:
+            for t in layer.top_names:
+                _log.info("    [Forward] Layer %s, top blob %s data: %.6g", layer.name, t,
+                          asum(blobs[t]))
+        for p in self.net.params_info:
+            _log.info("    [Backward] Layer %s, param blob %d diff: %.6g", p.layer, p.index,
+                      asum(grads[p.layer][p.index]))
+            _log.info("    [Update] Layer %s, param blob %d data: %.6g", p.layer, p.index,
+                      asum(params[p.layer][p.index]))
 
     def close(self) -> None:
         if self._feeds:
             for f in self._feeds.values():
                 f.close()
-
-
-def _share(train_params, own_params):
-    """Caffe's ShareTrainedLayersWith: test layers take the train blobs of the same name."""
-    out = {}
-    for name, blobs in own_params.items():
-        out[name] = train_params[name] if name in train_params else blobs
-    return out
-
-
-class _NetFeed:
-    """Raw batches for all data layers of one net, addressed by batch index.
-
-    Batch ``k`` of a layer starts at stream position ``start + k·batch_size`` (``start``
-    includes ``rand_skip``), whether the dataset is device-resident (sliced inside the jitted
-    program) or read ahead on the host: both paths give identical batches, and a resumed run
-    finds its place from the iteration alone.
-    """
-
-    def __init__(self, net: Net, device, on_device, seed: int):
-        from jcaffe.data import feed as feed_mod
-
-        self.feeders = [feed_mod.choose_feeder(layer, on_device=on_device, device=device,
-                                               seed=seed + i)
-                        for i, layer in enumerate(net.data_layers)]
-        self.on_device = all(isinstance(f, feed_mod.DeviceResident) for f in self.feeders)
-        if not self.on_device and any(isinstance(f, feed_mod.DeviceResident)
-                                      for f in self.feeders):
-            # Mixed placement: keep one path (the host one) so batches stay aligned.
-            for f in self.feeders:
-                f.close()
-            self.feeders = [feed_mod.choose_feeder(layer, on_device=False, device=device,
-                                                   seed=seed + i)
-                            for i, layer in enumerate(net.data_layers)]
-        self.arrays = [f.arrays for f in self.feeders] if self.on_device else None
-        self._start = [f.cursor0 if self.on_device else f.position for f in self.feeders]
-        self._next = [0] * len(self.feeders)
-        self._label_rules = label_rules(net)
-        if self.on_device:
-            for f, layer, arrays in zip(self.feeders, net.data_layers, self.arrays):
-                for top in f.tops:
-                    if top in self._label_rules:
-                        check_labels(np.asarray(jax.device_get(arrays[top])), 0,
-                                     self._label_rules[top], layer)
-
-    def batch_at(self, arrays, batch_index):
-        """Batch ``batch_index`` (a traced int) sliced from device-resident ``arrays``."""
-        out = {}
-        for f, a, start in zip(self.feeders, arrays, self._start):
-            k = jnp.asarray(batch_index, jnp.int32)
-            cursor = jnp.remainder(jnp.int32(start % f.count) +
-                                   jnp.remainder(k * jnp.int32(f.batch_size), jnp.int32(f.count)),
-                                   jnp.int32(f.count))
-            out.update(f.batch_at(a, cursor))
-        return out
-
-    def host_batch(self, batch_index: int):
-        """Batch ``batch_index`` from the prefetching host readers."""
-        out = {}
-        for i, (f, start) in enumerate(zip(self.feeders, self._start)):
-            if batch_index != self._next[i]:
-                f.seek(start + batch_index * f.reader.batch_size)
-            batch = next(f)
-            for top, rule in self._label_rules.items():
-                if top in batch:
-                    check_labels(np.asarray(batch[top]), start + batch_index * f.reader.batch_size,
-                                 rule, f.reader.layer, count=f.reader.count)
-            out.update(batch)
-            self._next[i] = batch_index + 1
-        return out
-
-    def close(self):
-        for f in self.feeders:
-            f.close()
-
-
-_LABEL_LAYERS = ("SoftmaxWithLoss", "Accuracy", "MultinomialLogisticLoss", "InfogainLoss",
-                 "HingeLoss")
-
-
-def label_rules(net: Net) -> dict[str, tuple[str, int, int | None]]:
-    """Data tops used directly as class labels: top → (layer, number of classes, ignore)."""
-    fed = {t for l in net.data_layers for t, _, _ in l.input_specs()}
-    rules = {}
-    for layer in net.layers:
-        if layer.type in _LABEL_LAYERS and len(layer.bottom_names) > 1 \
-                and layer.bottom_names[1] in fed and hasattr(layer, "num_labels"):
-            ignore = layer.ignore_label if getattr(layer, "has_ignore_label", False) else None
-            top = layer.bottom_names[1]
-            prev = rules.get(top)
-            classes = layer.num_labels if prev is None else min(prev[1], layer.num_labels)
-            rules[top] = (layer.name, classes, ignore)
-    return rules
-
-
-def check_labels(labels: np.ndarray, first_position: int, rule, data_layer, count=None) -> None:
-    """A label outside [0, classes) would silently index out of range inside the program
-    (Caffe aborts there): fail on the host, naming the dataset record."""
-    name, classes, ignore = rule
-    lab = labels.reshape(-1).astype(np.int64)
-    bad = (lab < 0) | (lab >= classes)
-    if ignore is not None:
-        bad &= lab != ignore
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        record = first_position + j
-        if count:
-            record %= count
-        source = data_layer.param.data_param.source or data_layer.name
-        raise DataError(f"{source}: record {record}: label {int(lab[j])} is out of range for "
-                        f"layer '{name}', which has {classes} classes (0..{classes - 1})")
 
 
 def _short_text(msg) -> str:
@@ -733,22 +787,37 @@ def install_signal_handlers(trainer: Trainer, sigint_effect: str, sighup_effect:
         signal.signal(signal.SIGHUP, handler(sighup_effect))
 
 
+def config_from_flags(args, environ=None) -> Config:
+    """The execution config of a command: ``JCAFFE_*`` variables, then flags."""
+    return Config.from_env(os.environ if environ is None else environ,
+                           precision=getattr(args, "precision", None) or None)
+
+
 def train_main(args) -> int:
-    """Runs ``caffe train`` from parsed flags (solver, weights, snapshot, gpu, cpu, iterations)."""
+    """Runs ``caffe train`` from parsed flags (solver, weights, snapshot, gpu, cpu, devices,
+    iterations, level, stage, multi-process flags)."""
+    import logging
+
     from jcaffe import prototxt
 
-    log.setup()
+    parallel.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                        heartbeat_timeout_s=args.heartbeat_timeout)
+    log.setup(level=logging.INFO if parallel.is_main_process() else logging.WARNING)
     if args.weights and args.snapshot:
         raise SolverError("give --weights or --snapshot, not both (as Caffe)")
     sp = prototxt.read_solver(args.solver)
-    gpu = None
-    if args.gpu:
-        gpu = "all" if args.gpu == "all" else [int(g) for g in args.gpu.split(",")]
-    device = select_device(sp.solver_mode if sp.HasField("solver_mode") else _SP.GPU,
-                           sp.device_id, explicit_gpu=gpu, force_cpu=args.cpu)
+    if args.level or args.stage:
+        # Caffe's `caffe train --level --stage`: they select the train net's layers.
+        sp.train_state.level = args.level
+        sp.train_state.stage.extend([s for s in args.stage.split(",") if s])
+    gpu = parallel.parse_ids(args.gpu, "gpu") if args.gpu else None
+    devs = parallel.parse_ids(args.devices, "devices") if args.devices else None
+    devices = parallel.select_devices(sp, gpu=gpu, devices=devs, force_cpu=args.cpu)
     if args.iterations is not None:
         sp.max_iter = args.iterations
-    trainer = Trainer(sp, solver_path=args.solver, device=device, weights=args.weights or None,
+    trainer = Trainer(sp, solver_path=args.solver, devices=devices,
+                      config=config_from_flags(args),
+                      weights=[w for w in args.weights.split(",") if w] or None,
                       iters_per_call=args.iters_per_call)
     if args.snapshot:
         trainer.restore(args.snapshot)
@@ -763,15 +832,29 @@ def train_main(args) -> int:
 def add_train_flags(parser) -> None:
     parser.add_argument("solver", nargs="?", help="the solver prototxt")
     parser.add_argument("--solver", dest="solver_flag", metavar="SOLVER", help="the solver prototxt")
-    parser.add_argument("--weights", default="", help="caffemodel(s) to fine-tune from, comma-separated")
+    parser.add_argument("--weights", default="", help="caffemodel(s) to fine-tune from, "
+                        "comma-separated (replaces the solver's `weights`)")
     parser.add_argument("--snapshot", default="", help="a .solverstate to resume from")
     parser.add_argument("--gpu", default="", help="GPU ids (comma-separated) or 'all'")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU whatever the solver says")
+    parser.add_argument("--devices", default="", help="device ids of the chosen platform "
+                        "(comma-separated) or 'all': data-parallel training")
     parser.add_argument("--iterations", type=int, default=None, help="override max_iter")
+    parser.add_argument("--level", type=int, default=0, help="the train net's NetState level")
+    parser.add_argument("--stage", default="", help="the train net's NetState stages, "
+                        "comma-separated")
+    parser.add_argument("--precision", default="", choices=["", "float32", "tf32", "bf16"],
+                        help="matmul/convolution precision (default float32, Caffe's numbers)")
     parser.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
     parser.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
     parser.add_argument("--iters_per_call", type=int, default=100,
-                        help="iterations fused into one device program (device-resident data)")
+                        help="iterations fused into one device program")
+    parser.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                        help="multi-process training: process 0's address")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--heartbeat_timeout", type=int, default=30, metavar="SECONDS",
+                        help="multi-process: a process silent this long fails the run")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

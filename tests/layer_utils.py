@@ -13,14 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 from google.protobuf import text_format
 
+from jcaffe.config import Config
 from jcaffe.layers.base import Context, layer_class
 from jcaffe.proto import caffe_pb2
 
 PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
 
+# The execution config layers are built with; formulation fixtures replace it (monkeypatch).
+CONFIG = Config()
 
-def make_layer(text: str, bottom_shapes, phase="TRAIN", bottoms=None, tops=None):
-    """Builds a layer from LayerParameter prototxt text (name/bottom/top filled in if absent)."""
+
+def make_layer(text: str, bottom_shapes, phase="TRAIN", bottoms=None, tops=None, config=None):
+    """Builds a layer from LayerParameter prototxt text (name/bottom/top filled in if absent),
+    with ``config`` (default: ``CONFIG``)."""
     lp = text_format.Parse(text, caffe_pb2.LayerParameter())
     if not lp.name:
         lp.name = "layer"
@@ -31,7 +36,8 @@ def make_layer(text: str, bottom_shapes, phase="TRAIN", bottoms=None, tops=None)
     if not lp.top:
         lp.top.append("t0")
     cls = layer_class(lp)
-    return cls(lp, bottom_shapes, PHASES.get(phase, phase))
+    return cls(lp, bottom_shapes, PHASES.get(phase, phase),
+               config=config if config is not None else CONFIG)
 
 
 def run(layer, blobs, bottoms, train=True, key=None):

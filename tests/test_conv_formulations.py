@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from jcaffe.config import Config
 from jcaffe.layers import vision
 from jcaffe.layers.base import Context
 from tests.layer_utils import make_layer
@@ -42,8 +43,7 @@ def test_formulations_agree(geometry, seed):
     blobs = None
     outputs = []
     for impl in ("xla", "im2col"):
-        with vision.conv_impl(impl):
-            layer = make_layer(text, [shape])
+        layer = make_layer(text, [shape], config=Config(conv=impl))
         if blobs is None:
             blobs = [jnp.asarray(rng.standard_normal(s).astype(np.float32))
                      for s in layer.blob_shapes]
@@ -68,10 +68,8 @@ def test_channels_last_gradients_match_xla_autodiff(geometry, seed):
             f'group: {group} }}')
     shape = (2, channels, size, size + 1)
     rng = np.random.default_rng(seed)
-    with vision.conv_impl("xla"):
-        ref_layer = make_layer(text, [shape])
-    with vision.conv_impl("im2col"):
-        layer = make_layer(text, [shape])
+    ref_layer = make_layer(text, [shape], config=Config(conv="xla"))
+    layer = make_layer(text, [shape], config=Config(conv="im2col"))
     x = jnp.asarray(rng.standard_normal(shape))
     blobs = [jnp.asarray(rng.standard_normal(s)) for s in layer.blob_shapes]
     ctx = Context(train=True)
@@ -99,8 +97,7 @@ def test_channels_last_convolution_numerical_gradient():
     text = ('type: "Convolution" convolution_param { num_output: 3 kernel_h: 2 kernel_w: 3 '
             'stride: 2 pad: 1 dilation: 2 }')
     shape = (2, 2, 7, 6)
-    with vision.conv_impl("im2col"):
-        layer = make_layer(text, [shape])
+    layer = make_layer(text, [shape], config=Config(conv="im2col"))
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 7, 6, 2)))
     blobs = [jnp.asarray(rng.standard_normal(s)) for s in layer.blob_shapes]
@@ -141,12 +138,11 @@ def test_channels_last_max_pooling_gradient_goes_to_the_first_maximum():
     np.testing.assert_array_equal(g, expect)
 
 
-def test_batch_chunks_pick_the_fewest_pieces_that_fit(monkeypatch):
-    monkeypatch.setattr(vision, "CHUNK_COLS_ELEMS", 100)
-    assert vision._batch_chunks(64, 10) == 8             # 8 images of 10 per piece
-    assert vision._batch_chunks(6, 40) == 3               # 2 per piece (4 would not divide 6)
-    assert vision._batch_chunks(5, 500) == 5              # never fewer than one image a piece
-    assert vision._batch_chunks(4, 25) == 1
+def test_batch_chunks_pick_the_fewest_pieces_that_fit():
+    assert vision._batch_chunks(64, 10, 100) == 8         # 8 images of 10 per piece
+    assert vision._batch_chunks(6, 40, 100) == 3          # 2 per piece (4 would not divide 6)
+    assert vision._batch_chunks(5, 500, 100) == 5         # never fewer than one image a piece
+    assert vision._batch_chunks(4, 25, 100) == 1
 
 
 def test_chunked_channels_last_convolution_matches_xla(monkeypatch):
@@ -155,13 +151,11 @@ def test_chunked_channels_last_convolution_matches_xla(monkeypatch):
     text = ('type: "Convolution" convolution_param { num_output: 3 kernel_size: 3 stride: 2 '
             'pad: 1 dilation: 1 }')
     shape = (6, 2, 7, 5)
-    with vision.conv_impl("xla"):
-        ref_layer = make_layer(text, [shape])
+    ref_layer = make_layer(text, [shape], config=Config(conv="xla"))
     per_image = 4 * 3 * 9 * 2    # output positions x kernel taps x channels
-    monkeypatch.setattr(vision, "CHUNK_COLS_ELEMS", 2 * per_image)
-    assert vision._batch_chunks(6, per_image) == 3
-    with vision.conv_impl("im2col"):
-        layer = make_layer(text, [shape])
+    assert vision._batch_chunks(6, per_image, 2 * per_image) == 3
+    layer = make_layer(text, [shape], config=Config(conv="im2col",
+                                                    chunk_cols_elems=2 * per_image))
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal(shape))
     blobs = [jnp.asarray(rng.standard_normal(s)) for s in layer.blob_shapes]
@@ -221,14 +215,13 @@ def test_padded_convolution_gradients_match_xla(monkeypatch, body, shape, chunk_
     """Padding inside the hand-written convolution (the input gradient is cropped from the
     padded one), with and without batch pieces, against autodiff of XLA's convolution."""
     text = f'type: "Convolution" convolution_param {{ num_output: 4 {body} }}'
-    with vision.conv_impl("xla"):
-        ref_layer = make_layer(text, [shape])
+    ref_layer = make_layer(text, [shape], config=Config(conv="xla"))
+    config = Config(conv="im2col")
     if chunk_limit:
-        monkeypatch.setattr(vision, "CHUNK_COLS_ELEMS", chunk_limit)  # one image per piece
-    with vision.conv_impl("im2col"):
-        layer = make_layer(text, [shape])
+        config = config.replace(chunk_cols_elems=chunk_limit)  # one image per piece
+    layer = make_layer(text, [shape], config=config)
     geo = vision._conv_geometry(shape[0], shape[1], layer.kernel, layer.stride, layer.dilation,
-                                layer.pad, layer.out_spatial)
+                                layer.pad, layer.out_spatial, config.chunk_cols_elems)
     assert geo[5] == (shape[0] if chunk_limit else 1)
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.standard_normal(shape))

@@ -173,18 +173,23 @@ def test_fits_on_device_cpu_rule():
     assert not fits_on_device(2 << 30, cpu)
 
 
-def test_choose_feeder_auto_env_and_argument(layer, monkeypatch):
-    monkeypatch.delenv("JCAFFE_DATA_ON_DEVICE", raising=False)
+def test_choose_feeder_auto_and_argument(layer):
     auto = choose_feeder(layer, seed=0)
     assert isinstance(auto, DeviceResident)  # a tiny dataset on CPU
-    monkeypatch.setenv("JCAFFE_DATA_ON_DEVICE", "0")
-    with choose_feeder(layer, seed=0) as f:
+    with choose_feeder(layer, seed=0, on_device=False) as f:
         assert isinstance(f, PrefetchFeeder)
-    forced = choose_feeder(layer, seed=0, on_device=True)  # the argument beats the env
+    forced = choose_feeder(layer, seed=0, on_device=True)
     assert isinstance(forced, DeviceResident)
-    monkeypatch.setenv("JCAFFE_DATA_ON_DEVICE", "maybe")
-    with pytest.raises(DataError, match="JCAFFE_DATA_ON_DEVICE"):
-        choose_feeder(layer, seed=0)
+
+
+def test_strided_batches_give_device_r_the_records_r_mod_n(layer):
+    """Device r of N reads the records whose offset is r modulo N (Caffe's solver_rank)."""
+    feed = choose_feeder(layer, seed=0, on_device=True)
+    whole = np.concatenate([np.asarray(jax.device_get(feed.batch_at(feed.arrays, c)["data"]))
+                            for c in (0, feed.batch_size)])
+    for r in range(2):
+        got = np.asarray(feed.batch_at(feed.arrays, r, stride=2)["data"])
+        np.testing.assert_array_equal(got, whole[r::2])
 
 
 def test_shuffled_sources_stay_on_the_host(tmp_path, monkeypatch):
@@ -195,7 +200,6 @@ def test_shuffled_sources_stay_on_the_host(tmp_path, monkeypatch):
     (tmp_path / "l.txt").write_text(str(tmp_path / "a.h5"))
     h5 = make_layer(f'type: "HDF5Data" name: "h" hdf5_data_param {{ source: "{tmp_path / "l.txt"}" '
                     f'batch_size: 2 shuffle: true }}', [], tops=["data"])
-    monkeypatch.delenv("JCAFFE_DATA_ON_DEVICE", raising=False)
     with choose_feeder(h5, seed=0) as f:
         assert isinstance(f, PrefetchFeeder)
         assert next(f)["data"].shape == (2, 2)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import layer_utils
+from jcaffe.config import Config
 from jcaffe.errors import JcaffeError, LayerError
 from jcaffe.layers import vision
 from jcaffe.layers.base import Context
@@ -24,15 +26,15 @@ POOL_IMPLS = list(vision.POOL_IMPLS)
 
 
 @pytest.fixture(params=CONV_IMPLS)
-def conv_impl(request):
-    with vision.conv_impl(request.param):
-        yield request.param
+def conv_impl(request, monkeypatch):
+    monkeypatch.setattr(layer_utils, "CONFIG", Config(conv=request.param))
+    return request.param
 
 
 @pytest.fixture(params=POOL_IMPLS)
-def pool_impl(request):
-    with vision.pool_impl(request.param):
-        yield request.param
+def pool_impl(request, monkeypatch):
+    monkeypatch.setattr(layer_utils, "CONFIG", Config(pool=request.param))
+    return request.param
 
 
 def jrun(layer, blobs, bottoms, train=True, key=None):
@@ -380,30 +382,33 @@ def test_conv_keeps_dtype_and_jits(conv_impl, ltype):
     assert [g.dtype for g in grads[0]] == [jnp.float32] * 2 and grads[1].dtype == jnp.float32
 
 
-def test_impl_switch(monkeypatch):
+def test_formulation_comes_from_the_config():
     body = "type: 'Convolution' convolution_param { num_output: 1 kernel_size: 1 }"
     pool = "type: 'Pooling' pooling_param { kernel_size: 2 }"
-    monkeypatch.delenv("JCAFFE_CONV_IMPL", raising=False)
-    monkeypatch.delenv("JCAFFE_POOL_IMPL", raising=False)
     # auto: im2col and slices on the CPU backend, xla and reduce_window elsewhere.
-    cpu = jax.default_backend() == "cpu"
-    assert make_layer(body, [(1, 1, 2, 2)]).impl == ("im2col" if cpu else "xla")
-    assert make_layer(pool, [(1, 1, 2, 2)]).impl == ("slices" if cpu else "reduce_window")
-    monkeypatch.setattr(vision, "CONV_IMPL", "xla")
-    assert make_layer(body, [(1, 1, 2, 2)]).impl == "xla"
-    monkeypatch.setenv("JCAFFE_CONV_IMPL", "im2col")   # the environment overrides the setting
-    monkeypatch.setenv("JCAFFE_POOL_IMPL", "reduce_window")
-    assert make_layer(body, [(1, 1, 2, 2)]).impl == "im2col"
-    assert make_layer(pool, [(1, 1, 2, 2)]).impl == "reduce_window"
-    with vision.conv_impl("xla"):                      # the context overrides both
-        assert make_layer(body, [(1, 1, 2, 2)]).impl == "xla"
-    assert make_layer(body, [(1, 1, 2, 2)]).impl == "im2col"
-    monkeypatch.setenv("JCAFFE_CONV_IMPL", "winograd")
-    with pytest.raises(LayerError, match="JCAFFE_CONV_IMPL.*winograd"):
-        make_layer(body, [(1, 1, 2, 2)])
-    with pytest.raises(JcaffeError, match="unknown pool implementation 'fast'"):
-        with vision.pool_impl("fast"):
-            pass
+    cpu, gpu = Config(platform="cpu"), Config(platform="gpu")
+    assert make_layer(body, [(1, 1, 2, 2)], config=cpu).impl == "im2col"
+    assert make_layer(pool, [(1, 1, 2, 2)], config=cpu).impl == "slices"
+    assert make_layer(body, [(1, 1, 2, 2)], config=gpu).impl == "xla"
+    assert make_layer(pool, [(1, 1, 2, 2)], config=gpu).impl == "reduce_window"
+    assert make_layer(body, [(1, 1, 2, 2)], config=cpu.replace(conv="xla")).impl == "xla"
+    assert make_layer(pool, [(1, 1, 2, 2)],
+                      config=cpu.replace(pool="reduce_window")).impl == "reduce_window"
+    with pytest.raises(JcaffeError, match="conv: unknown value 'winograd'"):
+        Config(conv="winograd")
+    with pytest.raises(JcaffeError, match="pool: unknown value 'fast'"):
+        Config(pool="fast")
+
+
+def test_config_from_the_environment():
+    env = {"JCAFFE_CONV_IMPL": "xla", "JCAFFE_LAYOUT": "nchw", "JCAFFE_DATA_ON_DEVICE": "0"}
+    c = Config.from_env(env)
+    assert (c.conv, c.layout, c.data_on_device, c.pool) == ("xla", "NCHW", False, "auto")
+    assert Config.from_env(env, conv="im2col").conv == "im2col"   # a flag wins
+    with pytest.raises(JcaffeError, match="JCAFFE_CONV_IMPL: conv: unknown value 'winograd'"):
+        Config.from_env({"JCAFFE_CONV_IMPL": "winograd"})
+    with pytest.raises(JcaffeError, match="JCAFFE_DATA_ON_DEVICE: expected 0, 1 or auto"):
+        Config.from_env({"JCAFFE_DATA_ON_DEVICE": "maybe"})
 
 
 CONV_ERRORS = [

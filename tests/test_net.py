@@ -268,10 +268,9 @@ layer { name: "ip" type: "InnerProduct" bottom: "p2" top: "ip" inner_product_par
 @pytest.mark.parametrize("impl", ["im2col", "xla"])
 def test_channels_last_layout_matches_nchw(impl):
     """The NHWC internal layout (CPU default) gives Caffe's NCHW results and gradients."""
-    from jcaffe.layers import vision
-    with vision.conv_impl(impl):
-        a = Net(parse(LAYOUT_NET), "TEST", layout="NHWC", verbose=False)
-        b = Net(parse(LAYOUT_NET), "TEST", layout="NCHW", verbose=False)
+    from jcaffe.config import Config
+    a = Net(parse(LAYOUT_NET), "TEST", config=Config(conv=impl, layout="NHWC"), verbose=False)
+    b = Net(parse(LAYOUT_NET), "TEST", config=Config(conv=impl, layout="NCHW"), verbose=False)
     assert a.layout == "NHWC" and b.layout == "NCHW"
     assert any(l.nhwc_ok for l in a.layers)
     params = a.init(jax.random.key(0))
@@ -293,8 +292,9 @@ def test_channels_last_layout_matches_nchw(impl):
 def test_formulation_follows_the_target_platform():
     """A net built for a GPU uses XLA convolutions and NCHW, whatever machine builds it; the
     results are the same."""
-    gpu = Net(parse(LAYOUT_NET), "TEST", platform="gpu", verbose=False)
-    cpu = Net(parse(LAYOUT_NET), "TEST", platform="cpu", verbose=False)
+    from jcaffe.config import Config
+    gpu = Net(parse(LAYOUT_NET), "TEST", config=Config(platform="gpu"), verbose=False)
+    cpu = Net(parse(LAYOUT_NET), "TEST", config=Config(platform="cpu"), verbose=False)
     assert gpu.layout == "NCHW" and cpu.layout == "NHWC"
     assert {l.impl for l in gpu.layers if l.type == "Convolution"} == {"xla"}
     assert {l.impl for l in cpu.layers if l.type == "Convolution"} == {"im2col"}
@@ -308,8 +308,9 @@ def test_forward_mode_with_the_nchw_layout_matches_reverse_mode():
     """jax.jvp needs the NCHW layout (the channels-last kernels are custom_vjp, reverse mode
     only): its directional derivative equals the channels-last gradient dotted with the
     direction."""
-    a = Net(parse(LAYOUT_NET), "TEST", layout="NHWC", verbose=False)
-    b = Net(parse(LAYOUT_NET), "TEST", layout="NCHW", verbose=False)
+    from jcaffe.config import Config
+    a = Net(parse(LAYOUT_NET), "TEST", config=Config(layout="NHWC"), verbose=False)
+    b = Net(parse(LAYOUT_NET), "TEST", config=Config(layout="NCHW"), verbose=False)
     params = a.init(jax.random.key(1))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 11, 11)), jnp.float32)
 

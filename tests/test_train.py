@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import text_format
 
 from jcaffe import log
+from jcaffe.config import Config
 from jcaffe.data.dataset import write_dataset
 from jcaffe.errors import SolverError
 from jcaffe.proto import caffe_pb2
@@ -79,9 +80,10 @@ def solver_param(workdir, extra="", **fields):
     return sp
 
 
-def trainer(workdir, extra="", **kw):
-    fields = {k: kw.pop(k) for k in list(kw) if k not in ("data_on_device", "iters_per_call")}
-    return Trainer(solver_param(workdir, extra, **fields), verbose=False, **kw)
+def trainer(workdir, extra="", data_on_device=None, **kw):
+    fields = {k: kw.pop(k) for k in list(kw) if k not in ("iters_per_call", "devices")}
+    return Trainer(solver_param(workdir, extra, **fields), verbose=False,
+                   config=Config(data_on_device=data_on_device), **kw)
 
 
 def params_np(params):
@@ -215,16 +217,16 @@ def test_host_fed_path_equals_device_resident(workdir, full_run):
     assert_same_params(host.params, dev.params, exact=False)
 
 
-def test_step_does_not_recompile(workdir):
+@pytest.mark.parametrize("on_device", [True, False])
+def test_step_does_not_recompile(workdir, compiles, on_device):
     t = trainer(workdir, test_interval=0, snapshot=0, snapshot_after_train=False, display=0,
-                iters_per_call=5)
+                iters_per_call=5, data_on_device=on_device)
     t._setup_feeds()
-    t.run_iterations(5)
-    fn = t._multi_step(5)
-    size = fn._cache_size()
-    t.run_iterations(5)
-    t.run_iterations(5)
-    assert fn._cache_size() == size == 1
+    jax.block_until_ready(t.run_iterations(5))
+    before = compiles.count
+    jax.block_until_ready(t.run_iterations(5))
+    jax.block_until_ready(t.run_iterations(5))
+    assert compiles.count == before
     t.close()
 
 
@@ -235,7 +237,7 @@ def test_update_is_caffes_sgd(workdir):
     p0 = params_np(t.params)
     feed = t._feeds["train"]
     batch = feed.batch_at(feed.arrays, 0)
-    key = jax.random.fold_in(t.key, 0)
+    key = jax.random.fold_in(t.state.key, 0)
     grads = jax.grad(lambda p: t.net.loss(p, batch, train=True,
                                           key=jax.random.fold_in(key, 0))[0])(t.params)
     t.run_iterations(1)
@@ -267,12 +269,19 @@ def test_stop_request_snapshots(workdir, tmp_path):
 
 
 def test_gpu_flag_without_gpu_is_an_error():
-    from jcaffe.train import select_device
+    from jcaffe.parallel import select_devices
     if any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("a GPU is present")
     with pytest.raises(SolverError, match="--gpu"):
-        select_device(caffe_pb2.SolverParameter.CPU, explicit_gpu=[0])
-    assert select_device(caffe_pb2.SolverParameter.GPU).platform == "cpu"  # warns, falls back
+        select_devices(gpu=[0])
+    gpu_mode = caffe_pb2.SolverParameter(solver_mode=caffe_pb2.SolverParameter.GPU)
+    assert [d.platform for d in select_devices(gpu_mode)] == ["cpu"]  # warns, falls back
+    # An unset solver_mode means CPU (caffe train); --devices picks several of the platform.
+    assert select_devices(caffe_pb2.SolverParameter()) == [jax.devices("cpu")[0]]
+    assert select_devices(None, devices="all") == jax.devices("cpu")
+    assert select_devices(None, devices=[1, 3]) == [jax.devices("cpu")[i] for i in (1, 3)]
+    with pytest.raises(SolverError, match="CPU device 9 requested but only 4 exist"):
+        select_devices(None, devices=[9])
 
 
 @pytest.mark.parametrize("on_device", [True, False])
@@ -312,8 +321,8 @@ def test_one_step_per_dispatch_equals_scan(workdir):
     both paths give the same weights."""
     kw = dict(test_interval=6, display=0, snapshot=0, snapshot_after_train=False, max_iter=6)
     a, b = trainer(workdir, **kw), trainer(workdir, **kw)
-    assert a.use_scan
-    b.use_scan = False
+    assert a.iters_per_call > 1 and a._test_scan
+    b.iters_per_call, b._test_scan = 1, False
     ra = a.solve()
     rb = b.solve()
     for name, value in ra["test"][0].items():

@@ -13,13 +13,12 @@ Two ways, both yielding exactly the same batches (the reader's stream, see
   Unshuffled sources only (a shuffled order is drawn on the host).
 
 ``choose_feeder`` picks one: device-resident when the dataset is unshuffled and fits
-(``fits_on_device``), else prefetching; ``JCAFFE_DATA_ON_DEVICE=0/1`` or the ``on_device``
-argument overrides the choice.
+(``fits_on_device``), else prefetching; the ``on_device`` argument (``Config.data_on_device``)
+overrides the choice.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from typing import Any, Iterator
@@ -33,7 +32,6 @@ from jcaffe.errors import DataError
 
 _log = log.get_logger("data")
 
-ENV_ON_DEVICE = "JCAFFE_DATA_ON_DEVICE"
 CPU_RESIDENT_LIMIT = 1 << 30  # bytes: below this a CPU "device" always holds the data
 GPU_RESIDENT_FRACTION = 0.25  # of the accelerator's memory
 
@@ -71,8 +69,10 @@ class PrefetchFeeder:
     """
 
     def __init__(self, reader, prefetch: int | None = None, device: Any = None, *,
-                 seed: int | None = None):
+                 seed: int | None = None, to_device: bool = True):
         self.reader, self._owns_reader = _as_reader(reader, seed)
+        # to_device=False yields host numpy batches (assembled into sharded arrays later).
+        self.to_device = to_device
         if prefetch is None:
             prefetch = getattr(self.reader, "prefetch", 4)
         self.prefetch = max(1, int(prefetch))
@@ -104,7 +104,8 @@ class PrefetchFeeder:
             while not stop.is_set():
                 batch = self.reader.next_batch()
                 after = self.reader.position
-                dev = {k: jax.device_put(v, self.device) for k, v in batch.items()}
+                dev = ({k: jax.device_put(v, self.device) for k, v in batch.items()}
+                       if self.to_device else batch)
                 if not self._put(q, stop, (dev, after)):
                     return
         except BaseException as e:  # handed to the consumer, raised there
@@ -216,14 +217,18 @@ class DeviceResident:
             if owns:
                 reader.close()
         self.device = device
-        self.arrays = {t: jax.device_put(host[t], device) for t in self.tops}
+        self.arrays = {t: _put(host[t], device) for t in self.tops}
         self._cursor = self.cursor0
         self._jit_batch_at = jax.jit(self.batch_at)
 
-    def batch_at(self, arrays: dict[str, jax.Array], cursor) -> dict[str, jax.Array]:
-        """Records ``(cursor + i) % count``, ``i < batch_size``: pure and jittable."""
+    def batch_at(self, arrays: dict[str, jax.Array], cursor, stride: int = 1
+                 ) -> dict[str, jax.Array]:
+        """Records ``(cursor + stride·i) % count``, ``i < batch_size``: pure and jittable.
+        ``stride`` N with ``cursor`` advanced by r gives device r of N its records, Caffe's
+        offset ≡ r (mod N)."""
         cursor = jnp.asarray(cursor, jnp.int32)
-        idx = jnp.remainder(cursor + jnp.arange(self.batch_size, dtype=jnp.int32),
+        steps = jnp.arange(self.batch_size, dtype=jnp.int32) * jnp.int32(stride)
+        idx = jnp.remainder(cursor + jnp.remainder(steps, jnp.int32(self.count)),
                             jnp.int32(self.count))
         return {t: jnp.take(arrays[t], idx, axis=0) for t in self.tops}
 
@@ -268,6 +273,13 @@ class DeviceResident:
         return False
 
 
+def _put(x: np.ndarray, device: Any) -> jax.Array:
+    if isinstance(device, jax.sharding.Sharding):
+        # Also for a mesh spanning processes: each fills its own devices from its copy.
+        return jax.make_array_from_callback(x.shape, device, lambda idx: x[idx])
+    return jax.device_put(x, device)
+
+
 def _device_of(device: Any):
     if device is None:
         return jax.devices()[0]
@@ -295,30 +307,19 @@ def fits_on_device(nbytes: int, device: Any = None) -> bool:
     return nbytes < GPU_RESIDENT_FRACTION * float(limit)
 
 
-def _env_on_device() -> bool | None:
-    value = os.environ.get(ENV_ON_DEVICE)
-    if value is None or value.strip() == "":
-        return None
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise DataError(f"{ENV_ON_DEVICE}={value!r}: use 0 (prefetch from the host) or 1 (whole "
-                    f"dataset on the device)")
-
-
 def choose_feeder(source, *, on_device: bool | None = None, device: Any = None,
-                  prefetch: int | None = None, seed: int | None = None):
+                  prefetch: int | None = None, seed: int | None = None,
+                  to_device: bool = True):
     """A ``DeviceResident`` or a ``PrefetchFeeder`` for a data layer (or reader).
 
-    ``on_device``: True / False forces the choice; None reads ``JCAFFE_DATA_ON_DEVICE``
-    (``0``/``1``) and otherwise decides automatically: device-resident when the source is
-    unshuffled and ``fits_on_device``. Forcing a shuffled source onto the device is an error.
+    ``on_device``: True / False forces the choice; None decides automatically:
+    device-resident when the source is unshuffled and ``fits_on_device``. Forcing a shuffled
+    source onto the device is an error. ``device`` may be a sharding (replicated on a mesh).
+    ``to_device=False``: a prefetching feeder yields host arrays.
     """
     reader, owns = _as_reader(source, seed)
     try:
-        choice = on_device if on_device is not None else _env_on_device()
+        choice = on_device
         shuffled = bool(getattr(reader, "shuffled", False))
         if choice is None:
             choice = (not shuffled) and fits_on_device(reader.nbytes, device)
@@ -329,7 +330,7 @@ def choose_feeder(source, *, on_device: bool | None = None, device: Any = None,
             return DeviceResident(reader, device)
         _log.info("layer '%s': prefetching %s batches from the host", name,
                   prefetch if prefetch is not None else getattr(reader, "prefetch", 4))
-        feeder = PrefetchFeeder(reader, prefetch, device)
+        feeder = PrefetchFeeder(reader, prefetch, device, to_device=to_device)
         feeder._owns_reader = owns
         owns = False
         return feeder
@@ -338,5 +339,4 @@ def choose_feeder(source, *, on_device: bool | None = None, device: Any = None,
             reader.close()
 
 
-__all__ = ["PrefetchFeeder", "DeviceResident", "fits_on_device", "choose_feeder",
-           "ENV_ON_DEVICE"]
+__all__ = ["PrefetchFeeder", "DeviceResident", "fits_on_device", "choose_feeder"]

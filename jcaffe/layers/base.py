@@ -24,6 +24,8 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
+from jcaffe.config import DEFAULT as DEFAULT_CONFIG
+from jcaffe.config import Config
 from jcaffe.errors import LayerError, NetError
 from jcaffe.proto import caffe_pb2
 
@@ -118,7 +120,10 @@ class Layer:
     layout_agnostic: ClassVar[bool] = False
 
     def __init__(self, param: caffe_pb2.LayerParameter, bottom_shapes: Sequence[Shape],
-                 phase: int = caffe_pb2.TRAIN):
+                 phase: int = caffe_pb2.TRAIN, *, config: Config | None = None):
+        # How the layer runs (formulation, precision), resolved for the net's device.
+        self.config = config if config is not None and config.is_resolved else \
+            (config or DEFAULT_CONFIG).resolved()
         self.param = param
         self.name = param.name
         self.type = param.type
@@ -166,6 +171,11 @@ class Layer:
     def input_specs(self) -> list[tuple[str, Shape, Any]]:
         """For data layers: (top name, raw shape, raw dtype) of each array the host feeds."""
         return []
+
+    def scan_ok(self, channels_last: bool) -> bool:
+        """Whether this layer runs at full speed inside ``lax.scan`` (many iterations per
+        dispatch); a formulation that does not (XLA's CPU convolution) says False."""
+        return True
 
     # -- helpers ----------------------------------------------------------------------------
     def error(self, message: str) -> LayerError:

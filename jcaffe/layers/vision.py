@@ -18,19 +18,15 @@ col2im), because XLA fuses the autodiff of the column stacking poorly. Non-overl
 pooling is a reshape + max whose hand-written gradient goes to the first maximum of each
 window, as Caffe's mask does.
 
-``CONV_IMPL`` / ``POOL_IMPL`` (module settings, default ``"auto"``) pick them; the environment
-variables ``JCAFFE_CONV_IMPL`` / ``JCAFFE_POOL_IMPL`` override the settings, and the
-``conv_impl(...)`` / ``pool_impl(...)`` context managers override both. ``"auto"`` means im2col
-and slices on the CPU backend, xla and reduce_window elsewhere. A built layer keeps its choice
-in ``layer.impl``.
+The formulations come from the layer's ``config`` (``jcaffe.config.Config``: ``conv`` and
+``pool``, ``"auto"`` meaning im2col and slices on the CPU backend, xla and reduce_window
+elsewhere); a built layer keeps its choice in ``layer.impl``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import os
 from typing import NamedTuple
 
 import jax
@@ -38,105 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcaffe.errors import NetError
+from jcaffe.config import CONV_IMPLS, POOL_IMPLS  # noqa: F401  (re-exported)
 from jcaffe.layers.base import Layer, Shape, count, register
 from jcaffe.proto import caffe_pb2
-
-CONV_IMPLS = ("xla", "im2col")
-POOL_IMPLS = ("reduce_window", "slices")
-CONV_IMPL = "auto"
-POOL_IMPL = "auto"
-
-# The channels-first im2col materialises the whole [N, K, P] column matrix at once; above
-# this many elements (CIFAR-10 quick: 5-20 M) XLA's own convolution is faster there. The
-# channels-last path (the CPU default) instead loops over batch pieces of CHUNK_COLS_ELEMS
-# and needs no such limit. XLA's CPU convolution is only fast outside loops: a net that uses
-# it runs one step per dispatch.
-IM2COL_MAX_ELEMS = 4_000_000
-
-# Columns per batch piece above which a channels-last convolution loops over pieces of the
-# batch (elements: 4 MB of float32 stay in cache; LeNet conv2 9.8 -> 9.5 ms per train step,
-# CIFAR-10 quick 113 -> 98 ms, on 2 cores).
-CHUNK_COLS_ELEMS = 1_000_000
 
 # Caffe computes in full float32; on GPUs the default precision would round matmul inputs to
 # TF32 and drift from Caffe's numbers.
 PRECISION = lax.Precision.HIGHEST
-
-_forced: dict[str, str | None] = {"conv": None, "pool": None}
-
-
-# The platform the layers being built will run on (None: JAX's default backend). The Net sets
-# it from the device it is built for, so `--cpu` on a GPU machine gets the CPU formulations.
-_platform: list[str | None] = [None]
-
-
-@contextlib.contextmanager
-def target_platform(name: str | None):
-    """Context manager: layers built inside choose their formulation for platform ``name``."""
-    before = _platform[0]
-    _platform[0] = name
-    try:
-        yield
-    finally:
-        _platform[0] = before
-
-
-def current_platform() -> str:
-    return _platform[0] or jax.default_backend()
-
-
-def _choose(kind: str, setting: str, env: str, choices: tuple[str, ...], auto: tuple[str, str]):
-    name = _forced[kind] or os.environ.get(env) or setting
-    if name == "auto":
-        return auto[0] if current_platform() == "cpu" else auto[1]
-    if name not in choices:
-        source = ("conv_impl/pool_impl" if _forced[kind] else
-                  env if os.environ.get(env) else f"jcaffe.layers.vision.{kind.upper()}_IMPL")
-        raise NetError(f"{source}: unknown {kind} implementation '{name}' "
-                       f"(known: auto, {', '.join(choices)})")
-    return name
-
-
-def resolve_conv_impl(cols_elems: int | None = None) -> str:
-    """The convolution formulation a layer built now uses: ``"xla"`` or ``"im2col"``.
-
-    ``auto`` is im2col on CPU for column matrices up to ``IM2COL_MAX_ELEMS`` elements (when
-    the caller gives their size) and XLA's convolution otherwise and on other backends."""
-    impl = _choose("conv", CONV_IMPL, "JCAFFE_CONV_IMPL", CONV_IMPLS, ("im2col", "xla"))
-    name = _forced["conv"] or os.environ.get("JCAFFE_CONV_IMPL") or CONV_IMPL
-    if name == "auto" and impl == "im2col" and cols_elems is not None \
-            and cols_elems > IM2COL_MAX_ELEMS:
-        return "xla"
-    return impl
-
-
-def resolve_pool_impl() -> str:
-    """The pooling formulation a layer built now uses: ``"slices"`` or ``"reduce_window"``."""
-    return _choose("pool", POOL_IMPL, "JCAFFE_POOL_IMPL", POOL_IMPLS, ("slices", "reduce_window"))
-
-
-@contextlib.contextmanager
-def _force(kind: str, name: str, choices: tuple[str, ...]):
-    if name != "auto" and name not in choices:
-        raise NetError(f"{kind}_impl: unknown {kind} implementation '{name}' "
-                       f"(known: auto, {', '.join(choices)})")
-    before = _forced[kind]
-    _forced[kind] = name
-    try:
-        yield
-    finally:
-        _forced[kind] = before
-
-
-def conv_impl(name: str):
-    """Context manager: Convolution / Deconvolution layers built inside use formulation ``name``."""
-    return _force("conv", name, CONV_IMPLS)
-
-
-def pool_impl(name: str):
-    """Context manager: Pooling layers built inside use formulation ``name``."""
-    return _force("pool", name, POOL_IMPLS)
 
 
 def _offsets(kernel):
@@ -330,15 +234,17 @@ def _conv_nhwc_bwd(geo, res, dy):
 _conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
 
 
-def _conv_geometry(n, c, kernel, stride, dilation, pad, out_sp) -> _ConvGeometry:
-    chunks = _batch_chunks(n, out_sp[0] * out_sp[1] * kernel[0] * kernel[1] * c)
+def _conv_geometry(n, c, kernel, stride, dilation, pad, out_sp, chunk_limit) -> _ConvGeometry:
+    chunks = _batch_chunks(n, out_sp[0] * out_sp[1] * kernel[0] * kernel[1] * c, chunk_limit)
     return _ConvGeometry(kernel, stride, dilation, pad, out_sp, chunks)
 
 
-def _batch_chunks(n: int, cols_per_image: int) -> int:
-    """The fewest equal pieces of a batch of ``n`` whose columns fit ``CHUNK_COLS_ELEMS``."""
+def _batch_chunks(n: int, cols_per_image: int, limit: int) -> int:
+    """The fewest equal pieces of a batch of ``n`` whose columns fit ``limit`` elements
+    (``Config.chunk_cols_elems``: 4 MB of float32 stay in cache; LeNet conv2 9.8 -> 9.5 ms
+    per train step, CIFAR-10 quick 113 -> 98 ms, on 2 cores)."""
     for chunks in range(1, n + 1):
-        if n % chunks == 0 and (n // chunks) * cols_per_image <= CHUNK_COLS_ELEMS:
+        if n % chunks == 0 and (n // chunks) * cols_per_image <= limit:
             return chunks
     return n
 
@@ -497,15 +403,21 @@ class _BaseConvolution(Layer):
         # contiguous rows (2-3x faster on CPU than the channels-first column layout).
         self.nhwc_ok = (not self.reverse and self.axis == 1 and self.num_spatial == 2
                         and len(shape) == 4)
-        try:
-            # `impl` is the layer's formulation; `nchw_impl` the one its channels-first path
-            # uses, which falls back to XLA's convolution for large column matrices.
-            self.impl = resolve_conv_impl(None if self.nhwc_ok or self.reverse else cols_elems)
-            self.nchw_impl = resolve_conv_impl(None if self.reverse else cols_elems)
-        except NetError as e:
-            raise self.error(str(e)) from None
+        # `impl` is the layer's formulation; `nchw_impl` the one its channels-first path
+        # uses, which falls back to XLA's convolution for large column matrices (XLA's CPU
+        # convolution is only fast outside loops: see `scan_ok`).
+        self.impl = self.config.conv_for(None if self.nhwc_ok or self.reverse else cols_elems)
+        self.nchw_impl = self.config.conv_for(None if self.reverse else cols_elems)
         top = tuple(shape[:self.axis]) + (self.num_output,) + self.out_spatial
         return [top] * len(bottom_shapes)
+
+    def formulation(self, channels_last: bool) -> str:
+        """The formulation this layer runs with channels-last or channels-first bottoms."""
+        return self.impl if channels_last else self.nchw_impl
+
+    def scan_ok(self, channels_last: bool) -> bool:
+        # XLA's CPU convolution falls back to naive kernels inside loops.
+        return not (self.formulation(channels_last) == "xla" and self.config.platform == "cpu")
 
     def _kernel(self, p, nsp) -> tuple[int, ...]:
         if p.HasField("kernel_h") or p.HasField("kernel_w"):
@@ -636,7 +548,7 @@ class Convolution(_BaseConvolution):
             if g == 1:
                 wm = jnp.transpose(wx, (2, 3, 1, 0)).reshape(kh * kw * c, o)
                 geo = _conv_geometry(n, c, self.kernel, self.stride, self.dilation, self.pad,
-                                     self.out_spatial)
+                                     self.out_spatial, self.config.chunk_cols_elems)
                 y = _conv_nhwc(x, wm, geo)
                 if self.bias_term:
                     y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
@@ -838,10 +750,7 @@ class Pooling(Layer):
         self.out_size = tuple(out)
         if self.pool == _PP.STOCHASTIC:
             self.needs_key = True
-        try:
-            self.impl = resolve_pool_impl()
-        except NetError as e:
-            raise self.error(str(e)) from None
+        self.impl = self.config.pool
         self.nhwc_ok = self.pool in (_PP.MAX, _PP.AVE) and len(self.top_names) == 1
         top = (n, c) + self.out_size
         return [top] * len(self.top_names)

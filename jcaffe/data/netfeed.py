@@ -1,0 +1,175 @@
+"""Raw batches for all data layers of one net, addressed by batch index, on one or N devices.
+
+Batch ``b`` of a data layer with ``batch_size`` B, trained on N devices, is the N·B records of
+the layer's stream from position ``start + b·N·B`` (``start`` includes ``rand_skip``): exactly
+the batch a single device with batch N·B would read. Device r of N gets the records whose
+offset is r modulo N (Caffe's ``DataLayer`` with ``solver_count`` N and ``solver_rank`` r).
+Both placements give identical batches:
+
+* device-resident: the raw dataset is replicated on the devices once and ``batch_at`` cuts a
+  device's records inside the jitted (and scanned) step;
+* host-fed: prefetching readers deliver the N reader batches of a global batch; ``chunk``
+  stacks the global batches of ``n`` iterations (each split over the devices, device r's
+  records in block r) for one scanned dispatch.
+
+A resumed run finds its place from the iteration alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcaffe.errors import DataError
+
+
+class NetFeed:
+    """The data layers of ``net`` feeding ``ranks`` devices.
+
+    ``placement``: a ``jax.Device`` (one device) or a replicated sharding over a mesh;
+    ``on_device``: True / False / None (decide by size, ``Config.data_on_device``);
+    ``seeds``: one int per data layer (shuffled readers draw their order from it)."""
+
+    def __init__(self, net, placement: Any, on_device: bool | None, seeds, *, ranks: int = 1):
+        from jcaffe.data import feed as feed_mod
+
+        self.ranks = int(ranks)
+        self._placement = placement
+        host_only = self.ranks > 1  # global batches are assembled on the host, then split
+
+        def make(choice):
+            return [feed_mod.choose_feeder(layer, on_device=choice, device=placement,
+                                           seed=int(seed), to_device=not host_only)
+                    for layer, seed in zip(net.data_layers, seeds)]
+
+        self.feeders = make(on_device)
+        self.on_device = all(isinstance(f, feed_mod.DeviceResident) for f in self.feeders)
+        if not self.on_device and any(isinstance(f, feed_mod.DeviceResident)
+                                      for f in self.feeders):
+            # Mixed placement: keep one path (the host one) so batches stay aligned.
+            for f in self.feeders:
+                f.close()
+            self.feeders = make(False)
+        self.arrays = [f.arrays for f in self.feeders] if self.on_device else None
+        self._start = [f.cursor0 if self.on_device else f.position for f in self.feeders]
+        self._next = [0] * len(self.feeders)
+        self._label_rules = label_rules(net)
+        self.layers = list(net.data_layers)
+        if self.on_device:
+            for f, layer, arrays in zip(self.feeders, net.data_layers, self.arrays):
+                for top in f.tops:
+                    if top in self._label_rules:
+                        check_labels(np.asarray(jax.device_get(_first(arrays[top]))), 0,
+                                     self._label_rules[top], layer)
+
+    # -- device-resident ---------------------------------------------------------------------
+    def batch_at(self, arrays, batch_index, rank=0):
+        """Device ``rank``'s records of batch ``batch_index`` (traced ints), sliced from the
+        device-resident ``arrays``."""
+        out = {}
+        n = self.ranks
+        k = jnp.asarray(batch_index, jnp.int32)
+        for f, a, start in zip(self.feeders, arrays, self._start):
+            count = jnp.int32(f.count)
+            step = jnp.int32((n * f.batch_size) % f.count)
+            cursor = jnp.remainder(jnp.int32(start % f.count) + jnp.remainder(k * step, count)
+                                   + jnp.asarray(rank, jnp.int32), count)
+            out.update(f.batch_at(a, cursor, stride=n))
+        return out
+
+    # -- host-fed ------------------------------------------------------------------------------
+    def _read(self, i: int, position: int):
+        f = self.feeders[i]
+        if position != self._next[i]:
+            f.seek(position)
+        batch = next(f)
+        self._next[i] = position + f.reader.batch_size
+        return batch
+
+    def host_batch(self, batch_index: int) -> dict:
+        """The global batch ``batch_index``: N·B records per layer (device r's in block r)."""
+        out = {}
+        for i, (f, start) in enumerate(zip(self.feeders, self._start)):
+            b = f.reader.batch_size
+            first = start + batch_index * self.ranks * b
+            parts = [self._read(i, first + m * b) for m in range(self.ranks)]
+            for top in parts[0]:
+                if self.ranks == 1:
+                    x = parts[0][top]
+                else:
+                    x = np.concatenate([np.asarray(p[top]) for p in parts])
+                if top in self._label_rules:
+                    check_labels(np.asarray(x), first, self._label_rules[top], f.reader.layer,
+                                 count=f.reader.count)
+                if self.ranks > 1:
+                    # Stream order -> device blocks: device r takes records r, r+N, r+2N...
+                    x = x.reshape((b, self.ranks) + x.shape[1:]).swapaxes(0, 1)
+                    x = x.reshape((self.ranks * b,) + x.shape[2:])
+                out[top] = x
+        return out
+
+    def chunk(self, first_batch: int, n: int, iter_size: int):
+        """The batches of ``n`` iterations from batch ``first_batch``: arrays
+        ``[n, (iter_size,) N·B, ...]``, host arrays when N > 1 (the caller splits them)."""
+        its = []
+        for j in range(n):
+            subs = [self.host_batch(first_batch + j * iter_size + s) for s in range(iter_size)]
+            its.append(subs[0] if iter_size == 1 else _stack(subs))
+        return _stack(its)
+
+    def close(self):
+        for f in self.feeders:
+            f.close()
+
+
+def _first(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+        return x.addressable_shards[0].data
+    return x
+
+
+def _stack(batches: list[dict]) -> dict:
+    first = batches[0]
+    if all(isinstance(v, np.ndarray) for v in first.values()):
+        return {k: np.stack([b[k] for b in batches]) for k in first}
+    return {k: jnp.stack([b[k] for b in batches]) for k in first}
+
+
+_LABEL_LAYERS = ("SoftmaxWithLoss", "Accuracy", "MultinomialLogisticLoss", "InfogainLoss",
+                 "HingeLoss")
+
+
+def label_rules(net) -> dict[str, tuple[str, int, int | None]]:
+    """Data tops used directly as class labels: top → (layer, number of classes, ignore)."""
+    fed = {t for l in net.data_layers for t, _, _ in l.input_specs()}
+    rules = {}
+    for layer in net.layers:
+        if layer.type in _LABEL_LAYERS and len(layer.bottom_names) > 1 \
+                and layer.bottom_names[1] in fed and hasattr(layer, "num_labels"):
+            ignore = layer.ignore_label if getattr(layer, "has_ignore_label", False) else None
+            top = layer.bottom_names[1]
+            prev = rules.get(top)
+            classes = layer.num_labels if prev is None else min(prev[1], layer.num_labels)
+            rules[top] = (layer.name, classes, ignore)
+    return rules
+
+
+def check_labels(labels: np.ndarray, first_position: int, rule, data_layer, count=None) -> None:
+    """A label outside [0, classes) would silently index out of range inside the program
+    (Caffe aborts there): fail on the host, naming the dataset record."""
+    name, classes, ignore = rule
+    lab = labels.reshape(-1).astype(np.int64)
+    bad = (lab < 0) | (lab >= classes)
+    if ignore is not None:
+        bad &= lab != ignore
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        record = first_position + j
+        if count:
+            record %= count
+        source = data_layer.param.data_param.source or data_layer.name
+        raise DataError(f"{source}: record {record}: label {int(lab[j])} is out of range for "
+                        f"layer '{name}', which has {classes} classes (0..{classes - 1})")
