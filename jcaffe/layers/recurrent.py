@@ -27,6 +27,9 @@ Where Caffe's behaviour is unusual and reproduced on purpose:
   Caffe's state after ``SetUp`` / ``Reset``, and identical to Caffe whenever every batch starts
   its sequences with ``cont = 0`` (as Caffe's LRCN data does). To carry state across calls
   (step-by-step decoding), set ``expose_hidden`` and feed ``h_T``/``c_T`` back as ``h_0``/``c_0``.
+
+``recurrent_param.debug_info`` turns on Caffe's per-layer logging inside the unrolled net; there
+is no unrolled net here, so it changes nothing.
 """
 
 from __future__ import annotations
