@@ -207,18 +207,23 @@ def test_step_by_step_equals_full_sequence(kind):
     """Caffe's TestForward: the sequence in one call equals one timestep per call with the
     state carried (here explicitly, through expose_hidden); with cont = 0 at every step only
     the first timestep agrees."""
-    full, blobs, bottoms = case(kind, True, False, cont=np.array([[0.0] * N] + [[1.0] * N] * (T - 1)))
+    starts = np.ones((T, N))
+    starts[0] = 0
+    full, blobs, bottoms = case(kind, True, False, cont=starts)
     expected = jrun(full, blobs, bottoms)[0]
     n_state = 2 if kind == "LSTM" else 1
     shapes = [(1,) + X_SHAPE[1:], (1, N), XS_SHAPE] + [(1, N, H)] * n_state
     step = make_layer(recurrent_text(kind, expose=True), shapes,
                       tops=["out", "h_T", "c_T"][:1 + n_state])
     assert step.blob_shapes == full.blob_shapes
+    ctx = Context(train=True)
+    step_fn = jax.jit(lambda b, x: step.apply(b, x, ctx))
     for reset in (False, True):
         state = [np.zeros((1, N, H))] * n_state
         for t in range(T):
             cont_t = np.full((1, N), 0.0 if (t == 0 or reset) else 1.0)
-            out, *state = jrun(step, blobs, [bottoms[0][t:t + 1], cont_t, bottoms[2]] + state)
+            out, *state = step_fn(blobs, [bottoms[0][t:t + 1], cont_t, bottoms[2]] + state)
+            out = np.asarray(out)
             if t == 0 or not reset:
                 np.testing.assert_allclose(out[0], expected[t], rtol=1e-12, atol=1e-12)
             else:
@@ -312,8 +317,9 @@ def test_lstm_unit_forward(cont):
     np.testing.assert_allclose(h, h_ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("cont", [[0, 0, 0], [1, 0, 1]])
+@pytest.mark.parametrize("cont", [[0, 0, 0], [1, 0, 1], [0.5, 0.25, 1]])
 def test_lstm_unit_gradient(cont):
+    # Non-binary cont: the exact gradient (Caffe's GPU kernel; its CPU backward differs there).
     layer, bottoms = unit_case(cont, seed=1)
     check_gradient(layer, [], bottoms, check_bottoms=[0, 1], max_elems=48)
 
@@ -336,6 +342,58 @@ def test_lstm_unit_is_the_lstm_cell():
     np.testing.assert_allclose(c_T, c_u, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(h_T, h_u, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(h, h_u, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_time_loop_is_one_scan(kind):
+    """The program does not grow with T: one scan body, whatever the sequence length."""
+    def n_eqns(t):
+        layer = make_layer(recurrent_text(kind), [(t, 2, 3), (t, 2)], tops=["out"])
+        blobs = [jnp.zeros(s) for s in layer.blob_shapes]
+        jaxpr = jax.make_jaxpr(lambda b, x, c: layer.apply(b, [x, c], Context(train=True)))(
+            blobs, jnp.zeros((t, 2, 3)), jnp.zeros((t, 2)))
+        assert any(e.primitive.name == "scan" for e in jaxpr.jaxpr.eqns)
+        return len(jaxpr.jaxpr.eqns)
+
+    assert n_eqns(3) == n_eqns(40)
+
+
+DECODE_TEXT = """
+name: "decode"
+layer { name: "input" type: "Input" top: "x" top: "cont" top: "h0" top: "c0"
+        input_param { shape { dim: 1 dim: 2 dim: 3 } shape { dim: 1 dim: 2 }
+                      shape { dim: 1 dim: 2 dim: 4 } shape { dim: 1 dim: 2 dim: 4 } } }
+layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" bottom: "h0" bottom: "c0"
+        top: "h" top: "h_T" top: "c_T"
+        recurrent_param { num_output: 4 expose_hidden: true
+          weight_filler { type: "uniform" min: -0.5 max: 0.5 }
+          bias_filler { type: "uniform" min: -0.5 max: 0.5 } } }
+"""
+
+
+def test_net_decodes_step_by_step_with_expose_hidden():
+    """The README's decoding loop: a T = 1 net fed its own h_T / c_T reproduces the numpy
+    reference of the whole sequence."""
+    net = jcaffe.Net(text_format.Parse(DECODE_TEXT, caffe_pb2.NetParameter()), phase="TEST",
+                     verbose=False)
+    params = net.init(jax.random.key(3))
+    step = jax.jit(net.apply)
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((6, 2, 3)).astype(np.float32)
+    cont = np.ones((6, 2), np.float32)
+    cont[0] = 0
+    cont[4, 1] = 0
+    state = [np.zeros((1, 2, 4), np.float32)] * 2
+    outs = []
+    for t in range(6):
+        blobs = step(params, {"x": xs[t:t + 1], "cont": cont[t:t + 1], "h0": state[0],
+                              "c0": state[1]})
+        state = [blobs["h_T"], blobs["c_T"]]
+        outs.append(np.asarray(blobs["h"][0]))
+    w = [np.asarray(b, np.float64) for b in params["lstm"]]
+    expected, h_T, c_T = lstm_ref(xs.astype(np.float64), cont.astype(np.float64), *w)
+    np.testing.assert_allclose(np.stack(outs), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state[1]), c_T, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ Where Caffe's behaviour is unusual and reproduced on purpose:
   ``h_0``/``c_0`` of the next pass (state carried across batches, visible where a batch starts
   with ``cont_1 = 1``). Layers here are pure functions, so each call starts from zero state —
   Caffe's state after ``SetUp`` / ``Reset``, and identical to Caffe whenever every batch starts
-  its sequences with ``cont = 0`` (as Caffe's LRCN data does). To carry state across calls
-  (step-by-step decoding), set ``expose_hidden`` and feed ``h_T``/``c_T`` back as ``h_0``/``c_0``.
+  its sequences with ``cont = 0`` (as the LRCN captioning example's aligned batches do). To
+  carry state across calls (step-by-step decoding), set ``expose_hidden`` and feed
+  ``h_T``/``c_T`` back as ``h_0``/``c_0``.
 
 ``recurrent_param.debug_info`` turns on Caffe's per-layer logging inside the unrolled net; there
 is no unrolled net here, so it changes nothing.
