@@ -485,10 +485,11 @@ def test_caffemodel_blobs_load_in_caffe_order(tmp_path):
 
 @pytest.mark.parametrize("text,shapes,tops,message", [
     ('type: "LSTM" recurrent_param { }', [(2, 3, 4), (2, 3)], ["h"], "num_output must be positive"),
-    (recurrent_text("LSTM"), [(2,), (2, 3)], ["h"], "at least 2 axes"),
+    (recurrent_text("LSTM"), [(2, 3), (2, 3)], ["h"], r"\(x\) must have at least 3 axes"),
     (recurrent_text("LSTM"), [(2, 3, 4), (3, 2)], ["h"], r"cont\) must have shape \[2, 3\]"),
     (recurrent_text("LSTM"), [(2, 3, 4), (2, 3, 1)], ["h"], r"cont\) must have shape"),
-    (recurrent_text("RNN"), [(2, 3, 4), (2, 3), (4, 5)], ["o"], r"x_static\) must have 3 rows"),
+    (recurrent_text("RNN"), [(2, 3, 4), (2, 3), (4, 5)], ["o"], r"x_static\) must .*3 streams"),
+    (recurrent_text("RNN"), [(2, 3, 4), (2, 3), (3,)], ["o"], r"x_static\) must have at least 2"),
     (recurrent_text("LSTM"), [(2, 3, 4)], ["h"], "takes at least 2 bottom"),
     (recurrent_text("LSTM", expose=True), [(2, 3, 4), (2, 3), (1, 3, H)], ["h", "a", "b"],
      "takes 4 or 5 bottom blobs with expose_hidden"),

@@ -106,9 +106,11 @@ class _Recurrent(Layer):
             raise self.error(f"takes exactly {n_tops} top blob(s){tops}, got "
                              f"{len(self.top_names)}")
         x = bottom_shapes[0]
-        if len(x) < 2:
-            raise self.shape_error("bottom 0 (x) must have at least 2 axes -- "
-                                   "(#timesteps, #streams, ...)")
+        # Caffe's unrolled net projects x with an InnerProduct at axis 2 and x_static at axis
+        # 1, which need an axis there.
+        if len(x) < 3:
+            raise self.shape_error("bottom 0 (x) must have at least 3 axes -- "
+                                   "(#timesteps, #streams, input dims...)")
         self.T, self.N = T, N = x[0], x[1]
         self.input_dim = count(x, 2)
         if tuple(bottom_shapes[1]) != (T, N):
@@ -118,9 +120,9 @@ class _Recurrent(Layer):
         self.static_dim = 0
         if self.static_input:
             xs = bottom_shapes[2]
-            if len(xs) < 1 or xs[0] != N:
-                raise self.shape_error(f"bottom 2 (x_static) must have {N} rows (#streams) "
-                                       f"on axis 0")
+            if len(xs) < 2 or xs[0] != N:
+                raise self.shape_error(f"bottom 2 (x_static) must have at least 2 axes -- "
+                                       f"({N} streams, input dims...)")
             self.static_dim = count(xs, 1)
         state_shape = (1, N, H)
         first_state = 2 + int(self.static_input)
