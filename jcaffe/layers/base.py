@@ -65,7 +65,7 @@ def known_types() -> list[str]:
     return sorted(REGISTRY)
 
 
-_FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data")
+_FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data", "recurrent")
 
 
 def _load_families() -> None:
