@@ -56,23 +56,37 @@ def _ip(params, name, x):
 # pycaffe layers
 # ---------------------------------------------------------------------------------------------
 
-def test_pyloss_forward_and_gradients_match_numpy_and_euclidean_loss():
+def _sgd(net, inputs, steps=5, lr=0.05, seed=5):
+    """Plain SGD through one jitted forward + backward per step: the loss of each step, and
+    the initial params with their gradient."""
+    @jax.jit
+    def step(p, key):
+        loss, g = jax.value_and_grad(lambda q: net.loss(q, inputs, key=key)[0])(p)
+        return jax.tree.map(lambda a, d: a - lr * d, p, g), loss, g
+
+    p0 = p = net.init(jax.random.key(seed))
+    losses, g0 = [], None
+    for i in range(steps):
+        p, loss, g = step(p, jax.random.key(100 + i))
+        losses.append(float(loss))
+        g0 = g if g0 is None else g0
+    return losses, p0, g0
+
+
+def test_pyloss_matches_numpy_and_euclidean_loss_and_trains_alike():
     # pyloss.py lies next to the prototxt: found through the prototxt's directory.
     net = jcaffe.Net(LINREG, verbose=False)
     ref = jcaffe.Net(prototxt.parse_net_text(_euclidean_variant(open(LINREG).read())),
                      verbose=False)
     assert net.blob_shapes["loss"] == (1,)  # pyloss's top[0].reshape(1)
     assert net.loss_weights[-1] == [1.0]
-    params = net.init(jax.random.key(3))
     inputs = _inputs()
-    lossf = lambda n: jax.jit(jax.value_and_grad(lambda p: n.loss(p, inputs)[0]))
-    loss, grads = lossf(net)(params)
-    loss_ref, grads_ref = lossf(ref)(params)
+    losses, params, grads = _sgd(net, inputs)
+    losses_ref, _, grads_ref = _sgd(ref, inputs)
 
     a, b = _ip(params, "ipx", inputs["x"]), _ip(params, "ipy", inputs["y"])
     n = a.shape[0]
-    np.testing.assert_allclose(float(loss), np.sum((a - b) ** 2) / n / 2, rtol=1e-5)
-    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
+    np.testing.assert_allclose(losses[0], np.sum((a - b) ** 2) / n / 2, rtol=1e-5)
     r = (a - b) / n  # d loss / d ipx; d loss / d ipy = -r
     for name, sign, x in (("ipx", 1.0, inputs["x"]), ("ipy", -1.0, inputs["y"])):
         gw = sign * r.T @ x.reshape(n, -1).astype(np.float64)
@@ -81,6 +95,9 @@ def test_pyloss_forward_and_gradients_match_numpy_and_euclidean_loss():
         np.testing.assert_allclose(np.asarray(grads[name][1]), gb, rtol=1e-4, atol=1e-6)
         for g, gr in zip(grads[name], grads_ref[name]):
             np.testing.assert_allclose(np.asarray(g), np.asarray(gr), rtol=1e-5, atol=1e-7)
+    # SGD steps through the jitted forward + backward: the same losses as EuclideanLoss.
+    np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
+    assert losses[-1] < losses[0]
 
 
 def test_loss_weight_comes_only_from_the_prototxt(on_path, tmp_path):
@@ -104,29 +121,6 @@ def test_loss_weight_comes_only_from_the_prototxt(on_path, tmp_path):
                                rtol=1e-5, atol=1e-7)
 
 
-def test_sgd_through_the_fused_step_matches_euclidean_loss():
-    net = jcaffe.Net(LINREG, verbose=False)
-    ref = jcaffe.Net(prototxt.parse_net_text(_euclidean_variant(open(LINREG).read())),
-                     verbose=False)
-    inputs = _inputs(seed=1)
-
-    def train(n):
-        @jax.jit
-        def step(p):
-            loss, g = jax.value_and_grad(lambda q: n.loss(q, inputs)[0])(p)
-            return jax.tree.map(lambda a, d: a - 0.05 * d, p, g), loss
-
-        p, losses = net.init(jax.random.key(5)), []
-        for _ in range(5):
-            p, loss = step(p)
-            losses.append(float(loss))
-        return losses
-
-    got, want = train(net), train(ref)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    assert got[-1] < got[0]
-
-
 def _solver(tmp_path, net_path, iters, lr=0.05, name="solver"):
     path = tmp_path / f"{name}.prototxt"
     path.write_text(textwrap.dedent(f"""\
@@ -145,7 +139,7 @@ def _solver(tmp_path, net_path, iters, lr=0.05, name="solver"):
     return str(path)
 
 
-def test_zoo_linreg_trains_like_euclidean_loss(on_path, tmp_path):
+def test_zoo_linreg_builds_and_matches_numpy(on_path):
     zoo = os.path.join(ZOO, "pycaffe_linreg.prototxt")
     if not os.path.exists(zoo):
         pytest.skip("../shared/zoo absent")
@@ -161,19 +155,18 @@ def test_zoo_linreg_trains_like_euclidean_loss(on_path, tmp_path):
     assert layer.where == "pyloss.EuclideanLossLayer"
     assert net.loss_weights[-1] == [entry["expected"]["loss_weight"]]
 
-    # The Trainer's fused step (DummyData redrawn each iteration from the solver's seed).
-    euclid = tmp_path / "linreg_euclid.prototxt"
-    euclid.write_text(_euclidean_variant(open(zoo).read()))
-    losses = {}
-    for tag, path in (("python", zoo), ("euclid", str(euclid))):
-        t = Trainer(_solver(tmp_path, path, 6, name=tag), verbose=False)
-        try:
-            got, _ = t.run_iterations(6)
-            losses[tag] = np.asarray(got, np.float64)
-        finally:
-            t.close()
-    np.testing.assert_allclose(losses["python"], losses["euclid"], rtol=1e-5)
-    assert np.all(np.isfinite(losses["python"]))
+    # One jitted forward + backward on DummyData's draws, against numpy on the same blobs.
+    params = net.init(jax.random.key(0))
+    (loss, (blobs, _)), grads = jax.jit(jax.value_and_grad(
+        lambda p: net.loss(p, {}, key=jax.random.key(1)), has_aux=True))(params)
+    a, b = (np.asarray(blobs[k], np.float64) for k in ("ipx", "ipy"))
+    n = a.shape[0]
+    np.testing.assert_allclose(np.asarray(blobs["loss"]), [np.sum((a - b) ** 2) / n / 2],
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(loss), np.sum((a - b) ** 2) / n / 2, rtol=1e-5)
+    x = np.asarray(blobs["x"], np.float64).reshape(n, -1)
+    np.testing.assert_allclose(np.asarray(grads["ipx"][0]), ((a - b) / n).T @ x, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_backward_reruns_forward_when_the_latest_forward_saw_other_inputs(on_path):
@@ -272,18 +265,23 @@ layer {{
   name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
   inner_product_param {{ num_output: 1 weight_filler {{ type: "constant" }} }}
 }}
-layer {{ name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" }}
+layer {{ name: "loss" type: "{loss}" bottom: "ip" bottom: "y" top: "loss" {extra} }}
 """
+PYLOSS = ('python_param { module: "pyloss" layer: "EuclideanLossLayer" } '
+          'loss_weight: 1').replace("{", "{{").replace("}", "}}")
 
 
-def test_python_data_layer_feeds_a_trainer_like_numpy_sgd(tmp_path):
+@pytest.mark.parametrize("loss", ["EuclideanLoss", "Python"])
+def test_python_data_layer_feeds_a_trainer_like_numpy_sgd(on_path, tmp_path, loss):
     # The data module lies next to the net prototxt only (found through the solver's net path).
-    module = "jcaffe_test_pydata_nextto"
+    module = f"jcaffe_test_pydata_nextto_{loss.lower()}"
     src = open(os.path.join(DATA, "jcaffe_test_pylayers.py")).read()
     (tmp_path / f"{module}.py").write_text(src)
     batch, dim, seed, lr, iters = 8, 3, 11, 0.1, 12
     net_path = tmp_path / "net.prototxt"
-    net_path.write_text(DATA_NET.format(module=module, batch=batch, dim=dim, seed=seed))
+    extra = PYLOSS if loss == "Python" else ""
+    net_path.write_text(DATA_NET.format(module=module, batch=batch, dim=dim, seed=seed,
+                                        loss=loss, extra=extra.format()))
     t = Trainer(_solver(tmp_path, str(net_path), iters, lr=lr), verbose=False)
     try:
         layer = t.net.layers[0]
@@ -321,7 +319,8 @@ def test_module_next_to_the_prototxt_is_found(tmp_path):
 
 def test_python_data_reader_positions_and_seek(on_path):
     net = jcaffe.Net(prototxt.parse_net_text(DATA_NET.format(
-        module="jcaffe_test_pylayers", batch=2, dim=3, seed=0)), verbose=False)
+        module="jcaffe_test_pylayers", batch=2, dim=3, seed=0, loss="EuclideanLoss",
+        extra="")), verbose=False)
     layer = net.layers[0]
     reader = layer.make_reader(seed=0)
     rng = np.random.default_rng(0)
