@@ -241,6 +241,21 @@ def test_errors_are_one_line_and_name_layer_module_class(on_path, python_param, 
     assert "\n" not in str(e.value)
 
 
+def test_exception_in_forward_names_the_layer(on_path):
+    # Raised inside the step's host callback: JAX reports it with the LayerError's line.
+    layer = make_layer('name: "l" type: "Python" python_param { module: "pyloss" '
+                       'layer: "EuclideanLossLayer" }', [(2, 3), (2, 3)])
+
+    def fail(bottom, top):
+        raise RuntimeError("boom")
+
+    layer.impl.forward = fail
+    x = jnp.ones((2, 3), jnp.float32)
+    with pytest.raises(Exception, match=r"layer 'l' \(type Python\): pyloss.EuclideanLossLayer: "
+                                        r"forward raised RuntimeError: boom"):
+        jax.block_until_ready(layer.apply([], [x, x], jcaffe.layers.Context(True)))
+
+
 def test_zoo_fcn_python_data_layer_without_its_module_is_a_clear_error():
     path = os.path.join(ZOO, "fcn32s_voc_train.prototxt")
     if not os.path.exists(path):
@@ -398,11 +413,20 @@ def test_entry_point_layer_type_builds_and_runs(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: jcaffe-ep-demo\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
         "[jcaffe.layers]\nTimesTwoEP = jcaffe_ep_demo:TimesTwo\n"
-        "PyScaleEP = jcaffe_ep_demo:PyScale\nBrokenEP = jcaffe_ep_demo:missing\n")
+        "PyScaleEP = jcaffe_ep_demo:PyScale\nNegEP = jcaffe_ep_demo:Neg\n"
+        "BrokenEP = jcaffe_ep_demo:missing\n")
     (tmp_path / "jcaffe_ep_demo.py").write_text(textwrap.dedent("""\
         import jax.numpy as jnp
+        from jcaffe.layers import Layer
         from jcaffe.layers.python import JaxLayer
         from jcaffe_test_pylayers import PyScale
+
+        class Neg(Layer):
+            def setup(self, bottom_shapes):
+                return [bottom_shapes[0]]
+
+            def apply(self, blobs, bottoms, ctx):
+                return [-bottoms[0]]
 
         class TimesTwo(JaxLayer):
             def setup(self, bottom_shapes):
@@ -414,19 +438,21 @@ def test_entry_point_layer_type_builds_and_runs(tmp_path, monkeypatch):
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(DATA)
-    assert {"TimesTwoEP", "PyScaleEP"} <= set(known_types())
+    assert {"TimesTwoEP", "PyScaleEP", "NegEP"} <= set(known_types())
     text = """\
     layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
     layer { name: "two" type: "TimesTwoEP" bottom: "x" top: "y" }
     layer { name: "three" type: "TimesTwoEP" bottom: "y" top: "z" python_param { param_str: "3" } }
     layer { name: "s" type: "PyScaleEP" bottom: "z" top: "w" python_param { param_str: "0.5" } }
+    layer { name: "n" type: "NegEP" bottom: "w" top: "v" }
     """
     net = jcaffe.Net(prototxt.parse_net_text(textwrap.dedent(text)), verbose=False)
-    assert [l.type for l in net.layers[1:]] == ["TimesTwoEP", "TimesTwoEP", "PyScaleEP"]
+    assert [l.type for l in net.layers[1:]] == ["TimesTwoEP", "TimesTwoEP", "PyScaleEP", "NegEP"]
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     blobs = jax.jit(net.apply)(net.init(jax.random.key(0)), {"x": x})
     np.testing.assert_allclose(np.asarray(blobs["z"]), 6 * x)
     np.testing.assert_allclose(np.asarray(blobs["w"]), 3 * x)
+    np.testing.assert_allclose(np.asarray(blobs["v"]), -3 * x)
     with pytest.raises(NetError, match=r"layer type 'BrokenEP': loading entry point "
                                        r"'jcaffe_ep_demo:missing' .*jcaffe-ep-demo"):
         jcaffe.Net(prototxt.parse_net_text(

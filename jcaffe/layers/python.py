@@ -245,8 +245,6 @@ def entry_point_layer(type_name: str) -> type[Layer] | None:
                        f"{ENTRY_POINT_GROUP}, distribution {dist}) failed: "
                        f"{_one_line(e)}") from None
     if isinstance(obj, type) and issubclass(obj, Layer):
-        if not obj.type_names:
-            obj.type_names = (type_name,)
         return obj
     if not isinstance(obj, type):
         raise NetError(f"layer type '{type_name}': entry point '{ep.value}' (distribution "
