@@ -522,14 +522,15 @@ class PythonLayer(Layer):
 class _DataStream:
     """The batches a Python data layer has made, addressed by stream position.
 
-    The layer makes batches only forwards, in its own order; the latest ones are kept so a
-    reader can go back a few batches (the prefetch thread reads ahead, and a feeder that seeks
-    back to its consumer's position finds them again)."""
-
-    KEEP = 16
+    The layer makes batches only forwards, in its own order; the latest ``prefetch + 2`` are
+    kept so a reader can go back that far (the prefetch thread reads ahead, and a feeder that
+    seeks back to its consumer's position finds them again). Seeking forwards makes (and
+    drops) the batches in between, so a resumed run sees the batches an uninterrupted run
+    would have seen from a layer whose order depends only on its seed."""
 
     def __init__(self, layer: PythonLayer):
         self.layer = layer
+        self.keep = max(2, int(layer.prefetch) + 2)
         self.made = 0  # stream position of the next batch the layer will make
         self.kept: collections.OrderedDict[int, dict] = collections.OrderedDict()
         self.lock = threading.Lock()
@@ -553,7 +554,7 @@ class _DataStream:
                 pos = self.made
                 self.made += bs
                 self.kept[pos] = batch
-                while len(self.kept) > self.KEEP:
+                while len(self.kept) > self.keep:
                     self.kept.popitem(last=False)
                 if pos == position:
                     return batch
