@@ -217,6 +217,19 @@ def test_callbacks_keep_the_bottom_dtype(on_path):
         assert g.dtype == dtype
 
 
+def test_vmap_runs_the_host_layer_once_per_example(on_path):
+    layer = make_layer('type: "Python" python_param { module: "pyloss" '
+                       'layer: "EuclideanLossLayer" }', [(2, 3), (2, 3)])
+    rng = np.random.default_rng(4)
+    a, b = (rng.standard_normal((5, 2, 3)).astype(np.float32) for _ in range(2))
+    f = lambda x, y: layer.apply([], [x, y], jcaffe.layers.Context(True))[0][0]
+    got = jax.jit(jax.vmap(f))(a, b)
+    np.testing.assert_allclose(np.asarray(got), np.sum((a - b) ** 2, axis=(1, 2)) / 2 / 2,
+                               rtol=1e-6)
+    ga = jax.vmap(jax.grad(f))(a, b)
+    np.testing.assert_allclose(np.asarray(ga), (a - b) / 2, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------

@@ -151,8 +151,8 @@ def install_caffe_module() -> None:
     try:
         import caffe  # noqa: F401
         return
-    except ImportError:
-        pass
+    except Exception:  # not installed, or a pycaffe build that fails to load
+        sys.modules.pop("caffe", None)
     from jcaffe import pycaffe_shim
     from jcaffe.pycaffe_shim import proto
 
