@@ -53,7 +53,13 @@ def layer_class(param: caffe_pb2.LayerParameter) -> type["Layer"]:
     _load_families()
     cls = REGISTRY.get(param.type)
     if cls is None:
-        known = ", ".join(sorted(REGISTRY))
+        # Third-party types (entry-point group ``jcaffe.layers``), looked up only on a miss so
+        # built-in types always win and no distribution is imported unless a net uses it.
+        from jcaffe.layers.python import entry_point_layer
+
+        cls = entry_point_layer(param.type)
+    if cls is None:
+        known = ", ".join(known_types())
         raise NetError(
             f"layer '{param.name}': unknown layer type '{param.type}'. Known types: {known}"
         )
@@ -61,11 +67,14 @@ def layer_class(param: caffe_pb2.LayerParameter) -> type["Layer"]:
 
 
 def known_types() -> list[str]:
+    """Built-in type names and those registered by entry points (group ``jcaffe.layers``)."""
+    from importlib.metadata import entry_points
+
     _load_families()
-    return sorted(REGISTRY)
+    return sorted(set(REGISTRY) | {ep.name for ep in entry_points(group="jcaffe.layers")})
 
 
-_FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data", "recurrent")
+_FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data", "recurrent", "python")
 
 
 def _load_families() -> None:
