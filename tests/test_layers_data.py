@@ -248,6 +248,35 @@ def test_mean_file_unreadable(db, tmp_path):
         data_layer(db[0], 2, transform=f'mean_file: "{tmp_path / "missing.binaryproto"}"')
 
 
+def test_mean_file_by_caffe_from_proto_rules(db, tmp_path):
+    # Legacy dims win over shape.dim, and double_data over data (Caffe's Blob::FromProto).
+    src, images, _ = db
+    mean = RNG.uniform(0, 255, (1, 3, 6, 7))
+    bp = caffe_pb2.BlobProto(num=1, channels=3, height=6, width=7)
+    bp.shape.dim.extend([3, 42])
+    bp.double_data.extend(mean.ravel().tolist())
+    bp.data.extend([1.0, 2.0])
+    mf = tmp_path / "mean.binaryproto"
+    mf.write_bytes(bp.SerializeToString())
+    layer = data_layer(src, 2, transform=f'mean_file: "{mf}"')
+    out = np.asarray(layer.apply([], [images[:2], np.zeros(2, np.int32)], Context(False))[0])
+    for i in range(2):
+        np.testing.assert_array_equal(
+            out[i], caffe_transform(images[i], 0, 0, False, 0,
+                                    mean_file=mean[0].astype(np.float32)))
+
+
+def test_mean_file_count_mismatch_names_layer_and_file(db, tmp_path):
+    bp = caffe_pb2.BlobProto(num=1, channels=3, height=6, width=7)
+    bp.data.extend([0.0] * 125)
+    mf = tmp_path / "short_mean.binaryproto"
+    mf.write_bytes(bp.SerializeToString())
+    with pytest.raises(DataError) as e:
+        data_layer(db[0], 2, transform=f'mean_file: "{mf}"')
+    msg = str(e.value)
+    assert "\n" not in msg and "layer 'd'" in msg and str(mf) in msg and "125 value" in msg
+
+
 def test_bad_transform_params(db, tmp_path):
     src = db[0]
     mf = write_mean(tmp_path / "m.binaryproto", np.zeros((1, 3, 6, 7), np.float32))

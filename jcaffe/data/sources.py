@@ -28,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from jcaffe.data._atomic import atomic_dir
+from jcaffe._atomic import atomic_dir
 from jcaffe.data.datum import datum_to_array
 from jcaffe.data.source_base import METADATA_FILE, Source, detect_kind, replaceable
 from jcaffe.errors import DataError
