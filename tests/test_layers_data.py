@@ -590,3 +590,48 @@ def test_window_data_not_supported():
     with pytest.raises(LayerError, match="not supported yet"):
         make_layer('type: "WindowData" window_data_param { source: "w.txt" batch_size: 1 }',
                    [], tops=["data", "label"])
+
+
+# -- the reader protocol ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["data", "image", "hdf5", "memory"])
+def test_every_reader_satisfies_the_reader_protocol(kind, db, pngs, h5list):
+    """What jcaffe.data.feed and jcaffe.train use, on every data layer's reader."""
+    from jcaffe.data.readers import Reader
+
+    if kind == "data":
+        layer, count = data_layer(db[0], 4), 10
+    elif kind == "image":
+        layer, count = image_layer(pngs[0], pngs[1], 2), 3
+    elif kind == "hdf5":
+        layer, count = h5_layer(h5list[0], 2), 5
+    else:
+        layer, count = memory_layer(), 4
+        layer.set_input_arrays(np.zeros((4, 1, 2, 2)), np.arange(4))
+    with layer.make_reader(seed=3) as r:
+        assert isinstance(r, Reader) and r.layer is layer
+        assert r.tops == [t for t, _, _ in layer.input_specs()]
+        assert (r.count, r.batch_size, r.seed, r.shuffled) == (count, layer.batch_size, 3, False)
+        assert r.prefetch >= 1 and r.position == 0 and r.cursor == 0
+        want = sum(count * int(np.prod(s[1:])) * np.dtype(d).itemsize
+                   for _, s, d in layer.input_specs())
+        assert r.nbytes == want
+        first = r.next_batch()
+        assert r.position == layer.batch_size
+        for t, s, d in layer.input_specs():
+            assert first[t].shape == tuple(s) and first[t].dtype == np.dtype(d)
+        everything = r.load_all()
+        assert all(a.shape[0] == count for a in everything.values())
+        r.seek(count)  # one full pass later: the same records again
+        again = r.batch_at(count)
+        for t in r.tops:
+            np.testing.assert_array_equal(again[t], first[t])
+            np.testing.assert_array_equal(everything[t][:layer.batch_size], first[t])
+
+
+def test_readers_do_not_import_the_layers():
+    """The host side stands alone: jcaffe.data.readers imports nothing from jcaffe.layers."""
+    from tests.test_imports import ROOT, import_graph
+
+    graph = import_graph(ROOT)
+    assert not [m for m in graph["jcaffe.data.readers"] if m.startswith("jcaffe.layers")]
