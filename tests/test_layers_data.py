@@ -546,7 +546,7 @@ def test_hdf5_errors(h5list, tmp_path):
         h5_layer(str(lst), 2)
 
 
-# -- MemoryData and WindowData -------------------------------------------------------------------
+# -- MemoryData -------------------------------------------------------------------------------
 
 def memory_layer(batch=2):
     return make_layer(f'type: "MemoryData" name: "m" memory_data_param {{ batch_size: {batch} '
@@ -584,12 +584,6 @@ def test_memory_data_errors():
     with pytest.raises(LayerError, match="positive"):
         make_layer('type: "MemoryData" memory_data_param { batch_size: 2 channels: 1 }', [],
                    tops=["data", "label"])
-
-
-def test_window_data_not_supported():
-    with pytest.raises(LayerError, match="not supported yet"):
-        make_layer('type: "WindowData" window_data_param { source: "w.txt" batch_size: 1 }',
-                   [], tops=["data", "label"])
 
 
 # -- the reader protocol ---------------------------------------------------------------------

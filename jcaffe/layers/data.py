@@ -22,11 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcaffe import log
+from jcaffe.caffemodel import read_binaryproto
 from jcaffe.data.readers import (ArrayStore, BatchReader, HDF5Files, HDF5Reader, ImageList,
                                  ImageReader, MemoryReader, Reader, SourceReader,
                                  open_layer_source, read_hdf5_list, read_image_list)
 from jcaffe.data.transform import Transformer
-from jcaffe.errors import DataError
+from jcaffe.data.windows import CHANNELS, WindowFile, WindowReader
+from jcaffe.errors import DataError, ModelError
 from jcaffe.layers.base import Context, Layer, register
 from jcaffe.proto import caffe_pb2
 
@@ -280,15 +282,109 @@ class MemoryDataLayer(DataLayerBase):
 
 
 @register("WindowData")
-class WindowDataLayer(Layer):
-    """Caffe's WindowData layer (R-CNN style windows): not supported yet."""
+class WindowDataLayer(DataLayerBase):
+    """Caffe's WindowData layer (R-CNN): windows of images sampled as foreground / background.
 
-    exact_bottoms = 0
-    is_data = True
+    ``window_data_param``: ``source`` (the window file, format in ``jcaffe.data.windows``),
+    ``batch_size``, ``fg_threshold`` / ``bg_threshold`` (a window is foreground, labelled with
+    its class, when ``overlap >= fg_threshold``; background, labelled 0, when ``overlap <
+    bg_threshold``), ``fg_fraction`` (``int(float(batch) * fg_fraction)`` foreground items per
+    batch, after the background ones), ``context_pad``, ``crop_mode`` ("warp" or "square"),
+    ``scale``, ``cache_images``, ``root_folder``. From ``transform_param`` (as Caffe reads
+    them): ``crop_size`` (required), ``mirror``, ``mean_file`` or ``mean_value``; Caffe's
+    WindowData reads ``scale`` from ``window_data_param`` only. ``data_param.prefetch`` sets the
+    read-ahead, as for every Caffe prefetching layer.
+
+    Tops: data ``[batch, 3, crop, crop]`` and label ``[batch]``. Caffe warps each window on the
+    host (``WindowDataLayer::load_batch``), so the host reader does all of it, mean and scale
+    included (``jcaffe.data.windows``: each output pixel is ``(pixel - mean) * scale`` inside
+    the warped window, 0 in the padding); ``apply`` only casts. Sampling is random with
+    replacement in both phases, seeded by the reader's seed.
+    """
+
+    exact_tops = 2
 
     def setup(self, bottom_shapes):
-        raise self.error("WindowData is not supported yet: convert the windows to an LMDB "
-                         "(Data layer) or an ImageData list")
+        wp = self.param.window_data_param
+        tp = self.param.transform_param
+        if not wp.source:
+            raise self.error("window_data_param.source is not set")
+        self.batch_size = self._check_batch_size(wp.batch_size)
+        self.prefetch = max(1, int(self.param.data_param.prefetch))
+        legacy = [f for f in ("mean_file", "crop_size", "mirror") if wp.HasField(f)]
+        if legacy:
+            _log.warning("layer '%s': %s inside window_data_param are ignored, as in Caffe: put "
+                         "them in transform_param", self.name, "/".join(legacy))
+        if tp.HasField("scale") and tp.scale != 1:
+            _log.warning("layer '%s': WindowData ignores transform_param.scale, as Caffe does; "
+                         "it uses window_data_param.scale (%g)", self.name, wp.scale)
+        if tp.force_color or tp.force_gray:
+            _log.warning("layer '%s': WindowData always reads images in colour; force_color / "
+                         "force_gray are ignored, as in Caffe", self.name)
+        self.crop_size = int(tp.crop_size)
+        if self.crop_size <= 0:
+            raise self.error("transform_param.crop_size must be set (positive) for WindowData")
+        self.context_pad = int(wp.context_pad)
+        if self.crop_size - 2 * self.context_pad <= 0:
+            raise self.error(f"context_pad {self.context_pad} leaves no room in crop_size "
+                             f"{self.crop_size} (need crop_size > 2 * context_pad)")
+        if wp.crop_mode not in ("warp", "square"):
+            raise self.error(f"crop_mode must be \"warp\" or \"square\", got {wp.crop_mode!r}")
+        self.crop_mode = wp.crop_mode
+        self.fg_fraction = float(wp.fg_fraction)
+        if not 0.0 <= self.fg_fraction <= 1.0:
+            raise self.error(f"fg_fraction must be in [0, 1], got {self.fg_fraction:g}")
+        self.fg_threshold, self.bg_threshold = float(wp.fg_threshold), float(wp.bg_threshold)
+        self.scale = float(wp.scale)
+        self.mirror = bool(tp.mirror)
+        self.cache_images = bool(wp.cache_images)
+        self.root_folder = wp.root_folder
+        self.source_path = wp.source
+        where = f"layer '{self.name}' (type {self.type}): "
+        _log.info("Window data layer: foreground (object) overlap threshold: %g, background "
+                  "(non-object) overlap threshold: %g, foreground sampling fraction: %g, "
+                  "cache_images: %s, root_folder: %s", self.fg_threshold, self.bg_threshold,
+                  self.fg_fraction, self.cache_images, self.root_folder)
+        self.windows = WindowFile(wp.source, fg_threshold=wp.fg_threshold,
+                                  bg_threshold=wp.bg_threshold, root_folder=wp.root_folder,
+                                  where=where)
+        c, crop = CHANNELS, self.crop_size
+        self.mean: np.ndarray | None = None
+        if tp.HasField("mean_file") and len(tp.mean_value):
+            raise self.error("cannot specify mean_file and mean_value at the same time")
+        if tp.HasField("mean_file"):
+            try:
+                m = read_binaryproto(tp.mean_file)
+            except ModelError as e:
+                raise DataError(f"{where}mean_file: {e}") from None
+            off = (m.shape[-1] - crop) // 2 if m.ndim >= 3 else 0
+            if (m.ndim < 3 or m.shape[-3] != c or m.shape[-1] < crop
+                    or m.shape[-2] < off + crop or int(np.prod(m.shape[:-3])) < 1):
+                raise DataError(f"{where}mean file '{tp.mean_file}' has shape {list(m.shape)}; "
+                                f"WindowData needs [1, {c}, H, W] with W >= crop_size {crop} "
+                                f"and H >= (W - crop_size) / 2 + crop_size")
+            self.mean = np.ascontiguousarray(m.reshape((-1,) + m.shape[-3:])[0])
+        elif len(tp.mean_value):
+            mv = [float(v) for v in tp.mean_value]
+            if len(mv) not in (1, c):
+                raise self.error(f"give either 1 mean_value or as many as channels ({c}), "
+                                 f"got {len(mv)}")
+            self.mean = np.asarray(mv * c if len(mv) == 1 else mv, np.float32)
+        b = self.batch_size
+        self._specs = [(self.top_names[0], (b, c, crop, crop), np.dtype(np.float32)),
+                       (self.top_names[1], (b,), np.dtype(np.int32))]
+        _log.info("output data size: %d,%d,%d,%d", b, c, crop, crop)
+        return [(b, c, crop, crop), (b,)]
+
+    def make_reader(self, seed: int | None = None) -> Reader:
+        return WindowReader(self, seed, self.windows, crop_size=self.crop_size,
+                            context_pad=self.context_pad, square=self.crop_mode == "square",
+                            mirror=self.mirror, fg_fraction=self.fg_fraction, scale=self.scale,
+                            mean=self.mean, cache_images=self.cache_images,
+                            where=f"layer '{self.name}' (type {self.type}): ")
+
+    def apply(self, blobs, bottoms, ctx: Context):
+        return [jnp.asarray(bottoms[0]).astype(jnp.float32), _label_top(bottoms[1])]
 
 
 # The readers' names stay importable from here (they lived in this module before).
