@@ -54,7 +54,9 @@ def import_graph(root: Path, package: str = PACKAGE) -> dict[str, dict[str, int]
     Counts ``import a.b``, ``from a.b import c`` (the submodule ``a.b.c`` when it exists, else
     ``a.b``), relative imports, and ``importlib.import_module("a.b")`` with a literal name,
     wherever they stand (module level, functions, ``if TYPE_CHECKING`` blocks). The implicit
-    import of a module's parent packages is not an edge.
+    import of a module's parent packages is not an edge, nor are the packages' lazy attribute
+    maps (``jcaffe._lazy``: a name's module is imported on first attribute access, never while
+    the package itself is being imported).
     """
     modules = module_files(root, package)
     graph: dict[str, dict[str, int]] = {}
@@ -191,7 +193,8 @@ _ISOLATED_IMPORTS = r"""
 import importlib, os, sys, traceback
 # Third-party libraries are loaded once; each jcaffe module is then imported in its own forked
 # child, in which no jcaffe module has been imported yet.
-for lib in ("numpy", "jax", "jax.numpy", "google.protobuf", "optax"):
+for lib in ("numpy", "jax", "jax.numpy", "google.protobuf.text_format", "optax", "h5py",
+            "PIL.Image"):
     try:
         importlib.import_module(lib)
     except ImportError:
