@@ -23,12 +23,13 @@ import contextlib
 import math
 import os
 import re
-import secrets
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError, EncodeError
 
+from jcaffe._atomic import atomic_file
+from jcaffe._atomic import atomic_write as _atomic_write
 from jcaffe.errors import ModelError, read_bytes
 from jcaffe.proto import caffe_pb2
 
@@ -106,11 +107,18 @@ def _merge_packed(blob: caffe_pb2.BlobProto, tag: int, raw: bytes) -> None:
         blob.MergeFromString(bytes([tag]) + _varint(len(raw)) + raw)
 
 
-def _fill_blob(blob: caffe_pb2.BlobProto, arr, write_diff: bool = False, diff=None) -> None:
+def _fill_blob(blob: caffe_pb2.BlobProto, arr, write_diff: bool = False, diff=None, *,
+               legacy_dims: bool = False) -> None:
     a = np.asarray(arr)
     double = a.dtype == np.float64
-    blob.shape.SetInParent()  # Caffe always writes the shape message, even for 0-d blobs
-    blob.shape.dim.extend(int(d) for d in a.shape)
+    if legacy_dims:
+        if a.ndim != 4:
+            raise ValueError(f"the legacy num/channels/height/width form needs a 4-d array, "
+                             f"got shape {list(a.shape)}")
+        blob.num, blob.channels, blob.height, blob.width = (int(d) for d in a.shape)
+    else:
+        blob.shape.SetInParent()  # Caffe always writes the shape message, even for 0-d blobs
+        blob.shape.dim.extend(int(d) for d in a.shape)
     _merge_packed(blob, _TAG_DOUBLE_DATA if double else _TAG_DATA,
                   a.astype("<f8" if double else "<f4").tobytes())
     if write_diff:
@@ -121,65 +129,32 @@ def _fill_blob(blob: caffe_pb2.BlobProto, arr, write_diff: bool = False, diff=No
                       d.astype("<f8" if double else "<f4").tobytes())
 
 
-def array_to_blob(arr, write_diff: bool = False, diff=None) -> caffe_pb2.BlobProto:
+def array_to_blob(arr, write_diff: bool = False, diff=None, *,
+                  legacy_dims: bool = False) -> caffe_pb2.BlobProto:
     """A ``BlobProto`` as Caffe's ``Blob::ToProto`` writes it: ``shape`` plus packed values.
 
     float64 arrays go to ``double_data`` (Caffe's ``Blob<double>``), anything else to ``data``
     as float32 (``Blob<float>``). With ``write_diff`` the ``diff`` (``double_diff``) field
     holds ``diff``, or zeros when none is given (a blob whose gradient was never computed).
+    ``legacy_dims``: a 4-d array's shape goes to the legacy ``num/channels/height/width``
+    fields instead of ``shape``, as Caffe's ``compute_image_mean`` writes its mean file.
     """
     blob = caffe_pb2.BlobProto()
-    _fill_blob(blob, arr, write_diff, diff)
+    _fill_blob(blob, arr, write_diff, diff, legacy_dims=legacy_dims)
     return blob
 
 
 # -- atomic writes ----------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike) -> Iterator[str]:
-    """Yields a fresh temporary path next to ``path``; on success it becomes ``path`` atomically.
-
-    The body writes the temporary file; it is then fsynced and renamed over ``path`` with
-    ``os.replace`` (the directory is fsynced too, best effort). On any failure the temporary file
-    is removed and ``path`` keeps its old contents. OSErrors become a ModelError naming ``path``.
-    """
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        # O_EXCL: never clobber someone else's file; mode 0o666 lets the umask decide, as for a
-        # file created the ordinary way.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        yield tmp
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ModelError(f"{path}: cannot write: {e.strerror or e}") from e
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+def _atomic_target(path: str | os.PathLike):
+    """``jcaffe._atomic.atomic_file`` with OSErrors as a ModelError naming ``path``."""
+    return atomic_file(path, error=ModelError)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a crash leaves either the old file or the new one.
-
-    Writes a temporary file in the same folder, fsyncs it, then ``os.replace``s it over
-    ``path``; on failure the temporary file is removed and the old ``path`` is untouched.
-    """
-    with _atomic_target(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    """Writes ``data`` to ``path`` so that a crash leaves either the old file or the new one
+    (``jcaffe._atomic``: temporary beside it, fsync, ``os.replace``); ModelError on failure."""
+    _atomic_write(path, data, error=ModelError)
 
 
 # -- binary protobuf files --------------------------------------------------------------------
@@ -324,16 +299,24 @@ def save_caffemodel(path: str | os.PathLike, net, params, fmt="binaryproto") -> 
 
 
 def read_binaryproto(path: str | os.PathLike, dtype=np.float32) -> np.ndarray:
-    """Reads a file holding one ``BlobProto`` (a Caffe mean file: ``[1, C, H, W]``)."""
+    """Reads a file holding one ``BlobProto`` (a Caffe mean file: ``[1, C, H, W]``), shaped and
+    filled by Caffe's ``Blob::FromProto`` rules (:func:`blob_to_array`). jcaffe's one
+    ``.binaryproto`` reader: the data layers' ``mean_file`` goes through it too."""
     path = os.fspath(path)
     blob = _parse(path, caffe_pb2.BlobProto, "a BlobProto (.binaryproto)")
     return blob_to_array(blob, path, dtype)
 
 
-def write_binaryproto(path: str | os.PathLike, array) -> None:
-    """Writes one ``BlobProto`` (``shape`` form, as Caffe's ``compute_image_mean`` does)."""
+def write_binaryproto(path: str | os.PathLike, array, *, legacy_dims: bool = False) -> None:
+    """Writes one ``BlobProto`` atomically: ``shape`` form (``Blob::ToProto``), or with
+    ``legacy_dims`` a 4-d array in the ``num/channels/height/width`` form Caffe's
+    ``compute_image_mean`` writes. jcaffe's one ``.binaryproto`` writer."""
     path = os.fspath(path)
-    atomic_write(path, _serialize(array_to_blob(array), path))
+    try:
+        blob = array_to_blob(array, legacy_dims=legacy_dims)
+    except ValueError as e:
+        raise ModelError(f"{path}: {e}") from None
+    atomic_write(path, _serialize(blob, path))
 
 
 def read_blob_proto_vector(path: str | os.PathLike, dtype=np.float32) -> list[np.ndarray]:

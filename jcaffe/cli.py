@@ -268,19 +268,19 @@ def _in_out_command(name: str, description: str, run: Callable[[str, str], bool]
 
 
 def _upgrade_net_text(in_path: str, out_path: str) -> bool:
-    from jcaffe.upgrade import upgrade_net_proto_text
+    from jcaffe.tools.upgrade_proto import upgrade_net_proto_text
 
     return upgrade_net_proto_text(in_path, out_path)
 
 
 def _upgrade_net_binary(in_path: str, out_path: str) -> bool:
-    from jcaffe.upgrade import upgrade_net_proto_binary
+    from jcaffe.tools.upgrade_proto import upgrade_net_proto_binary
 
     return upgrade_net_proto_binary(in_path, out_path)
 
 
 def _upgrade_solver_text(in_path: str, out_path: str) -> bool:
-    from jcaffe.upgrade import upgrade_solver_proto_text
+    from jcaffe.tools.upgrade_proto import upgrade_solver_proto_text
 
     return upgrade_solver_proto_text(in_path, out_path)
 

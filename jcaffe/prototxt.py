@@ -24,6 +24,7 @@ import warnings
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
+from jcaffe._atomic import atomic_write
 from jcaffe.errors import ProtoError, read_bytes
 from jcaffe.proto import caffe_pb2
 from jcaffe.upgrade import upgrade_net, upgrade_solver
@@ -79,13 +80,7 @@ def _decode_text(data: bytes) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    from jcaffe.caffemodel import atomic_write
-    from jcaffe.errors import ModelError
-
-    try:
-        atomic_write(path, data)
-    except ModelError as e:  # same message; prototxt callers expect the proto error class
-        raise ProtoError(str(e)) from None
+    atomic_write(path, data, error=ProtoError)
 
 
 def write_text(path: str, message: pb_message.Message) -> None:

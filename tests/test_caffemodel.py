@@ -459,6 +459,72 @@ def test_bad_binaryproto(tmp_path):
     _one_line_error(e, cut, "truncated or corrupt")
 
 
+def _blob(**fields):
+    b = caffe_pb2.BlobProto()
+    for k, v in fields.items():
+        if k == "dims":
+            b.shape.dim.extend(v)
+        elif k in ("data", "double_data"):
+            getattr(b, k).extend(v)
+        else:
+            setattr(b, k, v)
+    return b
+
+
+# Caffe's Blob::FromProto(reshape=true): any of num/channels/height/width set -> the 4-d legacy
+# shape (unset ones are 0) and shape.dim is ignored; values from double_data when it is
+# non-empty, else from data; the value count must equal the shape's count.
+@pytest.mark.parametrize("fields, shape, values", [
+    (dict(num=1, channels=2, height=1, width=3, data=[1, 2, 3, 4, 5, 6]), (1, 2, 1, 3),
+     [1, 2, 3, 4, 5, 6]),
+    (dict(dims=[2, 3], data=[6, 5, 4, 3, 2, 1]), (2, 3), [6, 5, 4, 3, 2, 1]),
+    # legacy fields win over shape.dim
+    (dict(num=1, channels=1, height=2, width=2, dims=[4], data=[1, 2, 3, 4]), (1, 1, 2, 2),
+     [1, 2, 3, 4]),
+    # one legacy field alone: the others count as 0, so the blob is empty
+    (dict(channels=3), (0, 3, 0, 0), []),
+    # double_data wins over data, even when data's count would not fit
+    (dict(dims=[1, 2], data=[9, 9, 9], double_data=[0.25, -1.5]), (1, 2), [0.25, -1.5]),
+    (dict(num=1, channels=1, height=1, width=2, double_data=[1e-50, 3.0]), (1, 1, 1, 2),
+     [0.0, 3.0]),
+    (dict(dims=[], data=[7.5]), (), [7.5]),
+])
+def test_binaryproto_follows_caffe_from_proto(tmp_path, fields, shape, values):
+    path = _write(tmp_path / "m.binaryproto", _blob(**fields))
+    got = cm.read_binaryproto(path)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got.ravel(), np.asarray(values, np.float32))
+
+
+@pytest.mark.parametrize("fields, needles", [
+    (dict(num=1, channels=1, height=2, width=3, data=[1, 2, 3, 4, 5]), ["5 value", "'data'",
+                                                                        "[1, 1, 2, 3]", "6"]),
+    # double_data non-empty: it is the one checked, even though data would fit
+    (dict(dims=[2], data=[1, 2], double_data=[1.0]), ["1 value", "'double_data'", "[2]"]),
+    (dict(dims=[2, 2]), ["0 value", "[2, 2]", "4"]),
+    (dict(channels=2, data=[1.0]), ["1 value", "[0, 2, 0, 0]"]),
+])
+def test_binaryproto_count_mismatch_is_one_line_model_error(tmp_path, fields, needles):
+    path = _write(tmp_path / "bad_mean.binaryproto", _blob(**fields))
+    with pytest.raises(ModelError) as e:
+        cm.read_binaryproto(path)
+    _one_line_error(e, path, *needles)
+
+
+def test_legacy_dims_writer_is_compute_image_mean_form(tmp_path):
+    mean = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4) / 7
+    path = str(tmp_path / "mean.binaryproto")
+    cm.write_binaryproto(path, mean, legacy_dims=True)
+    want = caffe_pb2.BlobProto(num=1, channels=2, height=3, width=4)
+    want.data.extend(mean.ravel().tolist())
+    got = caffe_pb2.BlobProto.FromString(open(path, "rb").read())
+    assert got == want and not got.HasField("shape")
+    with pytest.raises(ModelError) as e:
+        cm.write_binaryproto(str(tmp_path / "x.binaryproto"), mean[0], legacy_dims=True)
+    _one_line_error(e, "x.binaryproto", "4-d")
+    assert sorted(os.listdir(tmp_path)) == ["mean.binaryproto"]
+
+
 def test_blob_proto_vector_round_trip(tmp_path):
     arrays = [SPECIAL.reshape(3, 4), np.zeros((0, 5), np.float32), np.ones(3)]
     path = str(tmp_path / "v.binaryproto")

@@ -248,6 +248,35 @@ def test_mean_file_unreadable(db, tmp_path):
         data_layer(db[0], 2, transform=f'mean_file: "{tmp_path / "missing.binaryproto"}"')
 
 
+def test_mean_file_by_caffe_from_proto_rules(db, tmp_path):
+    # Legacy dims win over shape.dim, and double_data over data (Caffe's Blob::FromProto).
+    src, images, _ = db
+    mean = RNG.uniform(0, 255, (1, 3, 6, 7))
+    bp = caffe_pb2.BlobProto(num=1, channels=3, height=6, width=7)
+    bp.shape.dim.extend([3, 42])
+    bp.double_data.extend(mean.ravel().tolist())
+    bp.data.extend([1.0, 2.0])
+    mf = tmp_path / "mean.binaryproto"
+    mf.write_bytes(bp.SerializeToString())
+    layer = data_layer(src, 2, transform=f'mean_file: "{mf}"')
+    out = np.asarray(layer.apply([], [images[:2], np.zeros(2, np.int32)], Context(False))[0])
+    for i in range(2):
+        np.testing.assert_array_equal(
+            out[i], caffe_transform(images[i], 0, 0, False, 0,
+                                    mean_file=mean[0].astype(np.float32)))
+
+
+def test_mean_file_count_mismatch_names_layer_and_file(db, tmp_path):
+    bp = caffe_pb2.BlobProto(num=1, channels=3, height=6, width=7)
+    bp.data.extend([0.0] * 125)
+    mf = tmp_path / "short_mean.binaryproto"
+    mf.write_bytes(bp.SerializeToString())
+    with pytest.raises(DataError) as e:
+        data_layer(db[0], 2, transform=f'mean_file: "{mf}"')
+    msg = str(e.value)
+    assert "\n" not in msg and "layer 'd'" in msg and str(mf) in msg and "125 value" in msg
+
+
 def test_bad_transform_params(db, tmp_path):
     src = db[0]
     mf = write_mean(tmp_path / "m.binaryproto", np.zeros((1, 3, 6, 7), np.float32))
@@ -517,7 +546,7 @@ def test_hdf5_errors(h5list, tmp_path):
         h5_layer(str(lst), 2)
 
 
-# -- MemoryData and WindowData -------------------------------------------------------------------
+# -- MemoryData -------------------------------------------------------------------------------
 
 def memory_layer(batch=2):
     return make_layer(f'type: "MemoryData" name: "m" memory_data_param {{ batch_size: {batch} '
@@ -557,7 +586,46 @@ def test_memory_data_errors():
                    tops=["data", "label"])
 
 
-def test_window_data_not_supported():
-    with pytest.raises(LayerError, match="not supported yet"):
-        make_layer('type: "WindowData" window_data_param { source: "w.txt" batch_size: 1 }',
-                   [], tops=["data", "label"])
+# -- the reader protocol ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["data", "image", "hdf5", "memory"])
+def test_every_reader_satisfies_the_reader_protocol(kind, db, pngs, h5list):
+    """What jcaffe.data.feed and jcaffe.train use, on every data layer's reader."""
+    from jcaffe.data.readers import Reader
+
+    if kind == "data":
+        layer, count = data_layer(db[0], 4), 10
+    elif kind == "image":
+        layer, count = image_layer(pngs[0], pngs[1], 2), 3
+    elif kind == "hdf5":
+        layer, count = h5_layer(h5list[0], 2), 5
+    else:
+        layer, count = memory_layer(), 4
+        layer.set_input_arrays(np.zeros((4, 1, 2, 2)), np.arange(4))
+    with layer.make_reader(seed=3) as r:
+        assert isinstance(r, Reader) and r.layer is layer
+        assert r.tops == [t for t, _, _ in layer.input_specs()]
+        assert (r.count, r.batch_size, r.seed, r.shuffled) == (count, layer.batch_size, 3, False)
+        assert r.prefetch >= 1 and r.position == 0 and r.cursor == 0
+        want = sum(count * int(np.prod(s[1:])) * np.dtype(d).itemsize
+                   for _, s, d in layer.input_specs())
+        assert r.nbytes == want
+        first = r.next_batch()
+        assert r.position == layer.batch_size
+        for t, s, d in layer.input_specs():
+            assert first[t].shape == tuple(s) and first[t].dtype == np.dtype(d)
+        everything = r.load_all()
+        assert all(a.shape[0] == count for a in everything.values())
+        r.seek(count)  # one full pass later: the same records again
+        again = r.batch_at(count)
+        for t in r.tops:
+            np.testing.assert_array_equal(again[t], first[t])
+            np.testing.assert_array_equal(everything[t][:layer.batch_size], first[t])
+
+
+def test_readers_do_not_import_the_layers():
+    """The host side stands alone: jcaffe.data.readers imports nothing from jcaffe.layers."""
+    from tests.test_imports import ROOT, import_graph
+
+    graph = import_graph(ROOT)
+    assert not [m for m in graph["jcaffe.data.readers"] if m.startswith("jcaffe.layers")]

@@ -7,6 +7,10 @@
 * ``jcaffe.data.mnist`` / ``jcaffe.data.cifar10``: fetching and converting the standard datasets
   (scripts in ``datasets/``); ``jcaffe.data.mean``: Caffe's mean image (``mean.binaryproto``).
 * ``jcaffe.data.image`` / ``jcaffe.data.datum``: OpenCV-compatible image decoding, Datum records.
+* ``jcaffe.data.readers``: the host readers of the data layers behind one ``Reader`` protocol
+  (Caffe's record order, ``rand_skip``, ``shuffle``, resume); ``jcaffe.data.windows``: WindowData's
+  window files, fg/bg sampling and warped crops; ``jcaffe.data.feed``: how batches reach the step.
+* ``jcaffe.data.source_base``: the ``Source`` interface under ``sources`` and ``dataset``.
 
 Names below are imported on first use, so ``import jcaffe.data`` stays cheap.
 """

@@ -1,105 +1,16 @@
-"""Atomic creation of dataset directories and files: build under a temporary name beside the
-target, then rename into place. A failure leaves the target as it was and removes the temporary."""
+"""The data modules' names for ``jcaffe._atomic`` (jcaffe's one atomic writer): dataset and
+database directories (``atomic_dir``) and files (``atomic_write_bytes``: DataError on failure,
+missing folders created)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import uuid
-from typing import Callable, Iterator
-
+from jcaffe._atomic import atomic_dir, atomic_write, temp_name
 from jcaffe.errors import DataError
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_name(path: str, tag: str = "tmp") -> str:
-    """A fresh hidden name beside ``path``: ``.<name>.<tag>-<random>``."""
-    parent, name = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:12]}")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str, *, overwrite: bool,
-               replaceable: Callable[[str], bool] | None = None) -> Iterator[str]:
-    """Yields a new empty temporary directory; on a clean exit it becomes ``path``.
-
-    ``path`` may exist only with ``overwrite``, and then only if ``replaceable(path)`` agrees (a
-    dataset, not some unrelated folder); it is replaced only after the new one is complete.
-    """
-    path = os.path.abspath(path)
-    if os.path.lexists(path):
-        if not overwrite:
-            raise DataError(f"{path}: already exists (ask to overwrite it to replace it)")
-        if not os.path.isdir(path) or (replaceable is not None and not replaceable(path)):
-            raise DataError(f"{path}: exists and is not a dataset; not replacing it")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = temp_name(path, "tmp")
-        os.mkdir(tmp)
-    except OSError as e:
-        raise DataError(f"{path}: cannot create a directory in '{parent}': "
-                        f"{e.strerror or e}") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        _fsync_dir(tmp)
-        if os.path.lexists(path):
-            if not overwrite:
-                raise DataError(f"{path}: appeared while it was being written; not replacing it")
-            old = temp_name(path, "old")
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(parent)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{path}: cannot move the finished dataset into place: "
-                        f"{e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes a file through a temporary beside it, fsynced and renamed over ``path``."""
-    path = os.path.abspath(path)
-    tmp = temp_name(path, "tmp")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise DataError(f"{path}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Writes a file atomically (``jcaffe._atomic.atomic_write``), creating missing folders."""
+    atomic_write(path, data, error=DataError, make_parents=True)
+
+
+__all__ = ["atomic_dir", "atomic_write_bytes", "temp_name"]

@@ -38,8 +38,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from jcaffe.data._atomic import atomic_dir
-from jcaffe.data.sources import METADATA_FILE, Source, replaceable
+from jcaffe._atomic import atomic_dir
+from jcaffe.data.source_base import METADATA_FILE, Source, replaceable
 from jcaffe.errors import DataError
 
 FORMAT = "jcaffe-dataset"

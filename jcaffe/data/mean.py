@@ -4,16 +4,19 @@ The mean is computed as Caffe does: a float32 running sum over the records in or
 count in float32. Byte data is summed exactly in integers while that equals Caffe's float sum
 (fewer than 2**24 / 255 records), otherwise record by record in float32 like Caffe.
 The file is a ``BlobProto`` with the legacy ``num=1, channels, height, width`` fields and float
-``data``, as Caffe's tool writes it.
+``data``, as Caffe's tool writes it (``jcaffe.caffemodel.write_binaryproto``, jcaffe's one
+``.binaryproto`` writer).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
 
-from jcaffe.data._atomic import atomic_write_bytes
+from jcaffe.caffemodel import array_to_blob, write_binaryproto
+from jcaffe.errors import DataError
 from jcaffe.proto import caffe_pb2
 
 _EXACT_LIMIT = (1 << 24) // 255  # below this many byte records, integer sums equal float sums
@@ -50,21 +53,30 @@ def channel_means(mean: np.ndarray) -> list[float]:
     return [float(np.cumsum(row, dtype=np.float32)[-1] / dim) for row in m]
 
 
-def mean_blobproto(mean: np.ndarray) -> caffe_pb2.BlobProto:
-    """A ``BlobProto`` [1, C, H, W] of a ``[C, H, W]`` (or ``[1, C, H, W]``) mean."""
+def _mean_4d(mean: np.ndarray) -> np.ndarray:
     m = np.asarray(mean, dtype=np.float32)
     if m.ndim == 4 and m.shape[0] == 1:
         m = m[0]
     if m.ndim != 3:
         raise ValueError(f"a mean image is [C, H, W], got shape {list(m.shape)}")
-    blob = caffe_pb2.BlobProto(num=1, channels=m.shape[0], height=m.shape[1], width=m.shape[2])
-    blob.data.extend(m.ravel().tolist())
-    return blob
+    return m[None]
+
+
+def mean_blobproto(mean: np.ndarray) -> caffe_pb2.BlobProto:
+    """A ``BlobProto`` [1, C, H, W] of a ``[C, H, W]`` (or ``[1, C, H, W]``) mean."""
+    return array_to_blob(_mean_4d(mean), legacy_dims=True)
 
 
 def write_mean_binaryproto(path: str, mean: np.ndarray) -> None:
-    """Writes the mean as Caffe's ``mean.binaryproto``, atomically."""
-    atomic_write_bytes(path, mean_blobproto(mean).SerializeToString())
+    """Writes the mean as Caffe's ``mean.binaryproto`` (``jcaffe.caffemodel.write_binaryproto``,
+    atomic), creating missing folders."""
+    m = _mean_4d(mean)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{path}: cannot create the folder '{folder}': {e.strerror or e}") from None
+    write_binaryproto(path, m, legacy_dims=True)
 
 
 __all__ = ["image_mean", "channel_means", "mean_blobproto", "write_mean_binaryproto"]

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jcaffe._atomic import atomic_file
 from jcaffe.errors import DataError, JcaffeError
 
 
@@ -189,8 +190,8 @@ def verify_file(path: str, name: str) -> None:
 
 
 def _download(url: str, dest: str, name: str, timeout: float) -> None:
-    tmp = f"{dest}.download-{os.getpid()}.tmp"
-    try:
+    # Network errors pass through unchanged (error=None): get() reports each mirror's reason.
+    with atomic_file(dest, error=None) as tmp:
         req = urllib.request.Request(url, headers={"User-Agent": "jcaffe-prepare-mnist"})
         with urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, "wb") as f:
             while True:
@@ -199,10 +200,6 @@ def _download(url: str, dest: str, name: str, timeout: float) -> None:
                     break
                 f.write(block)
         verify_file(tmp, name)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def get(root: str, *, download: bool = True, mirrors: Sequence[str] = MIRRORS,

@@ -21,7 +21,6 @@ A ``Source`` is not meant for concurrent use; its reads are serialised by a lock
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import threading
@@ -29,66 +28,13 @@ from typing import Iterable
 
 import numpy as np
 
-from jcaffe.data._atomic import atomic_dir
+from jcaffe._atomic import atomic_dir
 from jcaffe.data.datum import datum_to_array
+from jcaffe.data.source_base import METADATA_FILE, Source, detect_kind, replaceable
 from jcaffe.errors import DataError
 from jcaffe.proto import caffe_pb2
 
-METADATA_FILE = "jcaffe_dataset.json"
 _COMMIT_EVERY = 1000  # records per write transaction, as Caffe's converters
-
-
-class Source:
-    """A read-only sequence of (image, label) records; see the module docstring."""
-
-    path: str
-    kind: str
-    count: int
-    datum_shape: tuple[int, int, int]
-    dtype: np.dtype
-
-    def __init__(self, path: str, kind: str):
-        self.path = path
-        self.kind = kind
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __repr__(self) -> str:
-        return (f"<{type(self).__name__} {self.kind} '{self.path}' count={self.count} "
-                f"shape={self.datum_shape} dtype={np.dtype(self.dtype).name}>")
-
-    def __enter__(self) -> "Source":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _check_range(self, start: int, n: int) -> None:
-        if self._closed:
-            raise ValueError(f"{self.path}: source is closed")
-        if n < 0 or start < 0 or start + n > self.count:
-            raise IndexError(f"{self.path}: records [{start}, {start + n}) outside "
-                             f"[0, {self.count})")
-
-    def read(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Records ``[start, start + n)``: ``(data [n, C, H, W] of dtype, labels [n] int32)``."""
-        start, n = int(start), int(n)
-        self._check_range(start, n)
-        with self._lock:
-            return self._read(start, n)
-
-    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """All records, in order."""
-        return self.read(0, self.count)
-
-    def close(self) -> None:
-        self._closed = True
-
-    def _read(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
 
 
 class _DatumSource(Source):
@@ -295,30 +241,6 @@ class LevelDBSource(_DatumSource):
 # --------------------------------------------------------------------------------------------
 # Detection and opening
 
-def detect_kind(path: str) -> str | None:
-    """"tensorstore", "lmdb" or "leveldb" from what ``path`` holds; None when none fits."""
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, METADATA_FILE)):
-            return "tensorstore"
-        if os.path.isfile(os.path.join(path, "data.mdb")):
-            return "lmdb"
-        if os.path.isfile(os.path.join(path, "CURRENT")) and any(
-                glob.glob(os.path.join(path, pattern))
-                for pattern in ("MANIFEST-*", "*.ldb", "*.log")):
-            return "leveldb"
-        return None
-    if os.path.isfile(path):
-        try:
-            with open(path, "rb") as f:
-                head = f.read(32)
-        except OSError:
-            return None
-        # An LMDB file starts with a meta page whose magic 0xBEEFC0DE sits at offset 16.
-        if len(head) >= 20 and head[16:20] == (0xBEEFC0DE).to_bytes(4, "little"):
-            return "lmdb"
-    return None
-
-
 def prepare_command(path: str, backend_hint: int | None = None) -> str | None:
     """The command that creates a shipped dataset at ``path`` (under datasets/mnist or
     datasets/cifar10), or None."""
@@ -432,11 +354,6 @@ def _datum_items(datums) -> Iterable[tuple[bytes, bytes]]:
             raise TypeError(f"item {i}: expected a caffe_pb2.Datum or its bytes, "
                             f"got {type(datum).__name__}")
         yield bytes(key), value
-
-
-def replaceable(path: str) -> bool:
-    """Whether an existing ``path`` is a dataset (or an empty folder) that may be overwritten."""
-    return os.path.isdir(path) and (detect_kind(path) is not None or not os.listdir(path))
 
 
 def write_lmdb(path: str, datums, *, overwrite: bool = False) -> int:

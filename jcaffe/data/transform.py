@@ -7,7 +7,8 @@ jitted step. For every image and every element::
     top[n, c, h, w'] = (x[n, c, h_off + h, w_off + w] - mean[c, h_off + h, w_off + w]) * scale
 
 with ``w' = crop_w - 1 - w`` when the image is mirrored and ``w' = w`` otherwise. So the mean
-(``mean_file``) is subtracted *before* the crop and the mirror, at the data's own pixel, then
+(``mean_file``, read by ``jcaffe.caffemodel.read_binaryproto`` with Caffe's ``Blob::FromProto``
+rules) is subtracted *before* the crop and the mirror, at the data's own pixel, then
 the difference is scaled; ``mean_value`` is one value per channel (one value is repeated for
 all channels). ``mean_file`` and ``mean_value`` exclude each other.
 
@@ -35,45 +36,15 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from jcaffe import log
-from jcaffe.errors import DataError, JcaffeError
+from jcaffe.caffemodel import read_binaryproto
+from jcaffe.errors import DataError, JcaffeError, ModelError
 from jcaffe.proto import caffe_pb2
 
 _log = log.get_logger("data")
 
 Shape3 = tuple[int, int, int]
-
-
-def read_mean_file(path: str) -> np.ndarray:
-    """Reads a ``.binaryproto`` BlobProto (Caffe's mean image) as a float32 array of its shape.
-
-    The shape comes from ``shape.dim`` or, for old files, ``num/channels/height/width``; the
-    values from ``data`` or ``double_data``.
-    """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise DataError(f"mean file '{path}': cannot be read: {e.strerror or e}") from None
-    blob = caffe_pb2.BlobProto()
-    try:
-        blob.ParseFromString(raw)
-    except DecodeError as e:
-        raise DataError(f"mean file '{path}': not a binary BlobProto ({e})") from None
-    if len(blob.shape.dim):
-        shape = tuple(int(d) for d in blob.shape.dim)
-    else:
-        shape = (blob.num, blob.channels, blob.height, blob.width)
-    if len(blob.data):
-        values = np.asarray(blob.data, np.float32)
-    else:
-        values = np.asarray(blob.double_data, np.float64).astype(np.float32)
-    if values.size != int(np.prod(shape)) or values.size == 0:
-        raise DataError(f"mean file '{path}': holds {values.size} values but its shape is "
-                        f"{list(shape)}")
-    return values.reshape(shape)
 
 
 def bgr_to_gray(x: np.ndarray) -> np.ndarray:
@@ -135,7 +106,10 @@ class Transformer:
         if self.mean_file is not None and len(param.mean_value):
             raise self._error("cannot specify mean_file and mean_value at the same time")
         if self.mean_file is not None:
-            m = read_mean_file(self.mean_file)
+            try:
+                m = read_binaryproto(self.mean_file)
+            except ModelError as e:
+                raise DataError(f"{self._name()}: mean_file: {e}") from None
             if m.ndim < 3 or m.shape[-3:] != (c, h, w) or int(np.prod(m.shape[:-3])) < 1:
                 raise DataError(
                     f"{self._name()}: mean file '{self.mean_file}' has shape {list(m.shape)}, "
@@ -229,4 +203,4 @@ class Transformer:
         return x
 
 
-__all__ = ["Transformer", "read_mean_file", "bgr_to_gray"]
+__all__ = ["Transformer", "bgr_to_gray"]
