@@ -102,12 +102,12 @@ def child_step(net: str, backend: str, windows: int, per_call: int) -> dict:
     t = Trainer(sp, device=device, verbose=False, iters_per_call=per_call)
     t._setup_feeds()
     t0 = time.perf_counter()
-    jax.block_until_ready(t.run_iterations(per_call)[0])
+    jax.block_until_ready(t.run_iterations(per_call)["loss"])
     first = time.perf_counter() - t0
     times = []
     for _ in range(windows):
         t0 = time.perf_counter()
-        jax.block_until_ready(t.run_iterations(per_call)[0])
+        jax.block_until_ready(t.run_iterations(per_call)["loss"])
         times.append((time.perf_counter() - t0) / per_call * 1e3)
     med = statistics.median(times)
     compile_s = max(0.0, first - med * per_call / 1e3)

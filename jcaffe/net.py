@@ -74,7 +74,7 @@ class Net:
     def __init__(self, net_param: caffe_pb2.NetParameter | str | os.PathLike,
                  phase: str | int = "TRAIN", level: int = 0, stages: Sequence[str] = (),
                  *, state: caffe_pb2.NetState | None = None, config: Config | None = None,
-                 verbose: bool = True):
+                 verbose: bool = True, source: str | None = None):
         """Builds the net for ``phase``/``level``/``stages`` (Caffe's ``Net(file, phase, level,
         stages)``), or for an explicit, already merged ``state`` (as the solver builds it).
 
@@ -84,14 +84,16 @@ class Net:
         resolved once here (``net.config``) and handed to every layer. The channels-last
         convolution and pooling kernels have hand-written backward passes
         (``jax.custom_vjp``), so they support reverse mode (``grad``, ``vjp``) but not forward
-        mode; for ``jax.jvp``, ``jax.jacfwd`` or Hessians use ``Config(layout="NCHW")``."""
+        mode; for ``jax.jvp``, ``jax.jacfwd`` or Hessians use ``Config(layout="NCHW")``.
+        ``source`` names the file a given NetParameter was read from (errors and Python
+        layers' module lookup use it)."""
         from jcaffe import netstate, prototxt, upgrade
 
         if isinstance(net_param, (str, os.PathLike)):
             self.source = os.fspath(net_param)
             net_param = prototxt.read_net(self.source)
         else:
-            self.source = "<NetParameter>"
+            self.source = source or "<NetParameter>"
             net_param = upgrade.upgrade_net(net_param)
         if state is None:
             state = netstate.net_state_for(net_param, _phase(phase), level, stages)
@@ -135,7 +137,8 @@ class Net:
             self._info("Creating Layer %s", lp.name)
             for b in lp.bottom:
                 self._info("%s <- %s", lp.name, b)
-            layer = cls(lp, [shapes[b] for b in lp.bottom], self.phase, config=self.config)
+            layer = cls(lp, [shapes[b] for b in lp.bottom], self.phase, config=self.config,
+                        net_source=self.source)
             for t, s in zip(lp.top, layer.top_shapes):
                 self._info("%s -> %s", lp.name, t)
                 shapes[t] = s

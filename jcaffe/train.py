@@ -163,11 +163,15 @@ def scan_steps(step, state: TrainState, batches):
 # ---------------------------------------------------------------------------------------------
 def solver_nets(sp: caffe_pb2.SolverParameter):
     """Caffe's Solver::InitTrainNet / InitTestNets: ``(train, [test, ...])``, each a
-    ``(NetParameter, NetState)`` pair. Net paths were resolved by ``read_solver``."""
+    ``(NetParameter, NetState, file)`` triple (``file``: the prototxt's path, or None for a
+    net given inline). Net paths were resolved by ``read_solver``."""
     from jcaffe import netstate, prototxt
 
     def load(source):
         return source if isinstance(source, caffe_pb2.NetParameter) else prototxt.read_net(source)
+
+    def path(source):
+        return None if isinstance(source, caffe_pb2.NetParameter) else source
 
     given = [f for f in ("train_net_param", "train_net", "net_param", "net") if sp.HasField(f)]
     if not given:
@@ -175,10 +179,13 @@ def solver_nets(sp: caffe_pb2.SolverParameter):
                           "`train_net_param`")
     if len(given) > 1:
         raise SolverError(f"the solver gives {', '.join(given)}: give exactly one train net")
-    train = load(getattr(sp, given[0]))
-    tests = [load(src) for _, src in netstate.test_net_sources(sp)]
-    return ((train, netstate.train_net_state(sp, train)),
-            [(t, netstate.test_net_state(sp, t, i)) for i, t in enumerate(tests)])
+    train_src = getattr(sp, given[0])
+    train = load(train_src)
+    sources = [src for _, src in netstate.test_net_sources(sp)]
+    tests = [load(src) for src in sources]
+    return ((train, netstate.train_net_state(sp, train), path(train_src)),
+            [(t, netstate.test_net_state(sp, t, i), path(src))
+             for i, (t, src) in enumerate(zip(tests, sources))])
 
 
 def _share(train_params, own_params):
@@ -260,11 +267,12 @@ class Trainer:
         self._streams = streams
         # The step stream's key lives in the (donated) state; keep a host copy to rebuild it.
         self._step_key_data = np.asarray(jax.random.key_data(streams.step))
-        (train_param, train_state), tests = solver_nets(sp)
+        (train_param, train_state, train_file), tests = solver_nets(sp)
         with jax.default_device(self.root_device):
-            self.net = Net(train_param, state=train_state, config=self.config, verbose=verbose)
-            self.test_nets = [Net(p, state=st, config=self.config, verbose=verbose)
-                              for p, st in tests]
+            self.net = Net(train_param, state=train_state, config=self.config, verbose=verbose,
+                           source=train_file)
+            self.test_nets = [Net(p, state=st, config=self.config, verbose=verbose, source=f)
+                              for p, st, f in tests]
             self._check_test_sharing()
             self.tx = solver_mod.build_solver(sp, self.net)
             weights = list(sp.weights) if weights is None else (

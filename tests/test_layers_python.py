@@ -314,7 +314,7 @@ def test_python_data_layer_feeds_a_trainer_like_numpy_sgd(on_path, tmp_path, los
     try:
         layer = t.net.layers[0]
         assert layer.is_data and layer.input_specs()[0][1] == (batch, dim)
-        losses, _ = t.run_iterations(iters)
+        losses = t.run_iterations(iters)["loss"]
     finally:
         t.close()
 

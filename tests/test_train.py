@@ -349,3 +349,34 @@ def test_iter_size_accumulates_like_one_larger_batch(workdir, tmp_path):
     big.close()
     small.close()
     assert_same_params(big.params, small.params, exact=False)
+
+
+def test_logged_lr_is_the_rate_the_solver_applied(workdir, tmp_path):
+    """A resumed multistep run whose stored current_step lags its iteration (Caffe takes at
+    most one step per iteration) logs the rate it applies, not the rate of the iteration."""
+    from jcaffe import caffemodel, solver as solver_mod
+    kw = dict(test_interval=0, snapshot=0, snapshot_after_train=False, display=1, max_iter=10,
+              lr_policy="multistep", gamma=0.5, base_lr=0.04)
+    sp_extra = "stepvalue: 3 stepvalue: 6\n"
+    t = trainer(workdir, sp_extra, **kw)
+    t.run_iterations(8)
+    model, _ = t.snapshot()
+    state = tmp_path / "lag.solverstate"
+    history = solver_mod.history_to_caffe(jax.device_get(t.opt_state), t.params_order())
+    caffemodel.write_solverstate(str(state), iter=8, learned_net=model, history=history,
+                                 current_step=0)
+    t.close()
+    stream = _Capture()
+    log.setup(stream=stream)
+    try:
+        r = trainer(workdir, sp_extra, **kw)
+        r.restore(str(state))
+        r.solve()
+        r.close()
+    finally:
+        log.setup()
+    logged = {int(i): float(v) for i, v in re.findall(r"Iteration (\d+), lr = (\S+)", stream.text)}
+    # Iteration 8 applies one step (0.04·0.5), iteration 9 the second (0.04·0.25); the
+    # iteration alone would say 0.01 for both.
+    assert logged[8] == pytest.approx(0.02) and logged[9] == pytest.approx(0.01)
+    assert solver_mod.learning_rate(r.sp, 8) == pytest.approx(0.01)

@@ -32,6 +32,9 @@ from jcaffe.proto import caffe_pb2
 Shape = tuple[int, ...]
 
 REGISTRY: dict[str, type["Layer"]] = {}
+# Resolvers ``type name -> class | None`` asked when REGISTRY has no entry (the python family
+# registers the entry-point lookup here, as families register their classes in REGISTRY).
+FALLBACKS: list = []
 
 
 def register(*type_names: str):
@@ -52,12 +55,12 @@ def layer_class(param: caffe_pb2.LayerParameter) -> type["Layer"]:
     """Looks up a layer type; the error names the layer and lists the known types."""
     _load_families()
     cls = REGISTRY.get(param.type)
-    if cls is None:
+    for resolve in FALLBACKS:
+        if cls is not None:
+            break
         # Third-party types (entry-point group ``jcaffe.layers``), looked up only on a miss so
         # built-in types always win and no distribution is imported unless a net uses it.
-        from jcaffe.layers.python import entry_point_layer
-
-        cls = entry_point_layer(param.type)
+        cls = resolve(param.type)
     if cls is None:
         known = ", ".join(known_types())
         raise NetError(
@@ -129,10 +132,13 @@ class Layer:
     layout_agnostic: ClassVar[bool] = False
 
     def __init__(self, param: caffe_pb2.LayerParameter, bottom_shapes: Sequence[Shape],
-                 phase: int = caffe_pb2.TRAIN, *, config: Config | None = None):
+                 phase: int = caffe_pb2.TRAIN, *, config: Config | None = None,
+                 net_source: str | None = None):
         # How the layer runs (formulation, precision), resolved for the net's device.
         self.config = config if config is not None and config.is_resolved else \
             (config or DEFAULT_CONFIG).resolved()
+        # The prototxt the layer's net came from ("<NetParameter>" when built from a message).
+        self.net_source = net_source
         self.param = param
         self.name = param.name
         self.type = param.type

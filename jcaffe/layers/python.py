@@ -64,6 +64,7 @@ import numpy as np
 
 from jcaffe import log
 from jcaffe.errors import DataError, NetError
+from jcaffe.layers import base
 from jcaffe.layers.base import Context, Layer, Shape, register
 from jcaffe.layers.data import BatchReader
 from jcaffe.proto import caffe_pb2
@@ -161,29 +162,10 @@ def install_caffe_module() -> None:
     sys.modules["caffe.proto.caffe_pb2"] = proto.caffe_pb2
 
 
-def _net_source_dirs() -> list[str]:
-    """The directory of the prototxt of the net being built, found on the call stack (the
-    ``Net`` being constructed, or the ``Trainer`` whose solver names the net file)."""
-    from jcaffe.net import Net
-
-    dirs: list[str] = []
-    frame = sys._getframe(1)
-    while frame is not None:
-        obj = frame.f_locals.get("self")
-        if isinstance(obj, Net):
-            src = getattr(obj, "source", "")
-            if src and os.path.isfile(src):
-                dirs.append(os.path.dirname(os.path.abspath(src)))
-        elif type(obj).__name__ == "Trainer" and type(obj).__module__ == "jcaffe.train":
-            sp = getattr(obj, "sp", None)
-            net_file = getattr(sp, "net", "") or getattr(sp, "train_net", "")
-            if net_file and os.path.isfile(net_file):
-                dirs.append(os.path.dirname(os.path.abspath(net_file)))
-            solver_path = getattr(obj, "solver_path", None)
-            if solver_path:
-                dirs.append(os.path.dirname(os.path.abspath(solver_path)))
-        frame = frame.f_back
-    return dirs
+def _net_source_dirs(layer: Layer) -> list[str]:
+    """The directory of the prototxt the layer's net was read from (``layer.net_source``)."""
+    src = layer.net_source or ""
+    return [os.path.dirname(os.path.abspath(src))] if os.path.isfile(src) else []
 
 
 def import_module(layer: Layer, module: str):
@@ -199,7 +181,7 @@ def import_module(layer: Layer, module: str):
     except Exception as e:
         raise layer.error(f"importing {where} failed: {_one_line(e)}") from None
     extra = []
-    for d in _net_source_dirs() + [os.getcwd()]:
+    for d in _net_source_dirs(layer) + [os.getcwd()]:
         if d not in extra and d not in sys.path:
             extra.append(d)
     saved = list(sys.path)
@@ -256,6 +238,9 @@ def entry_point_layer(type_name: str) -> type[Layer] | None:
 # ---------------------------------------------------------------------------------------------
 # The layer
 # ---------------------------------------------------------------------------------------------
+
+base.FALLBACKS.append(entry_point_layer)
+
 
 @register("Python")
 class PythonLayer(Layer):
