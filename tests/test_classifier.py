@@ -221,7 +221,7 @@ def test_net(lenet):
     return load_net(lenet["dir"] / "net.prototxt", lenet["weights"])
 
 
-@pytest.mark.parametrize("backend", ["lmdb", "tensorstore"])
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb", "tensorstore"])
 def test_extract_features(lenet, test_net, tmp_path, backend):
     d = lenet["dir"]
     dbs = [tmp_path / "ip2_db", tmp_path / "pool2_db"]
@@ -246,11 +246,18 @@ def test_extract_features(lenet, test_net, tmp_path, backend):
         imgs[:100] * np.float32(SCALE), rtol=1e-6)
     for b, db, shape in (("ip2", dbs[0], (10, 1, 1)), ("pool2", dbs[1], (50, 4, 4))):
         ref = np.concatenate(want[b]).reshape(300, -1)
-        if backend == "lmdb":
-            import lmdb
+        if backend in ("lmdb", "leveldb"):
+            if backend == "lmdb":
+                import lmdb
 
-            with lmdb.open(str(db), readonly=True, lock=False) as env, env.begin() as txn:
-                items = list(txn.cursor())
+                with lmdb.open(str(db), readonly=True, lock=False) as env, env.begin() as txn:
+                    items = list(txn.cursor())
+            else:
+                import plyvel
+
+                ldb = plyvel.DB(str(db))
+                items = list(ldb.iterator())
+                ldb.close()
             assert [k for k, _ in items] == [b"%010d" % i for i in range(300)]
             datums = [caffe_pb2.Datum.FromString(v) for _, v in items]
             assert {(x.channels, x.height, x.width, x.label) for x in datums} == {shape + (0,)}
