@@ -118,6 +118,10 @@ def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.nda
     return crops
 
 
+# predict()'s ``oversample`` flag shadows the function's name there.
+_ten_crops = oversample
+
+
 class Transformer:
     """pycaffe's ``caffe.io.Transformer``: per-input preprocessing for a net (see the module
     doc for the order of the steps). ``inputs``: ``{input name: (N, K, H, W)}``."""
@@ -343,7 +347,7 @@ class Classifier:
                                   f"H x W x {k}")
             input_[ix] = resize_image(in_, self.image_dims)
         if oversample:
-            input_ = globals()["oversample"](input_, self.crop_dims)
+            input_ = _ten_crops(input_, self.crop_dims)
         else:
             centre = np.array(self.image_dims) / 2.0
             crop = np.concatenate([centre - self.crop_dims / 2.0,
