@@ -27,6 +27,8 @@ _LAZY = {
     "learning_rate": "jcaffe.solver",
     "Trainer": "jcaffe.train",
     "JcaffeError": "jcaffe.errors",
+    "Classifier": "jcaffe.classifier",
+    "net_spec": "jcaffe.net_spec",
 }
 
 

@@ -7,13 +7,15 @@ import importlib
 
 def lazy_attributes(package: str, names: dict[str, str], namespace: dict):
     """``(__getattr__, __dir__)`` for ``package``: ``names`` maps an attribute to the module
-    defining it; the first access imports it and caches it in ``namespace``."""
+    defining it (or, for a submodule ``package.name``, the submodule itself); the first access
+    imports it and caches it in ``namespace``."""
 
     def __getattr__(name):
         mod = names.get(name)
         if mod is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(mod), name)
+        module = importlib.import_module(mod)
+        value = module if mod == f"{package}.{name}" else getattr(module, name)
         namespace[name] = value
         return value
 

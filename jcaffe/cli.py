@@ -30,7 +30,7 @@ Command = Callable[[list[str]], int]
 COMMANDS: dict[str, Command] = {}
 COMMAND_HELP: dict[str, str] = {}
 # Modules whose import registers more commands (train, test, time, device_query, ...).
-COMMAND_MODULES: list[str] = ["jcaffe.commands"]
+COMMAND_MODULES: list[str] = ["jcaffe.commands", "jcaffe.tools.commands"]
 
 _DEBUG_FLAGS = {"--debug", "-debug"}
 _TRUE = {"true", "t", "yes", "y", "1"}

@@ -168,6 +168,7 @@ def create(src: str, out_dir: str, *, formats: Sequence[str] = ("tensorstore",),
     from jcaffe.data.datum import array_to_datum
     from jcaffe.data.mean import image_mean, write_mean_binaryproto
     from jcaffe.data.sources import write_leveldb, write_lmdb
+    from jcaffe.tools.progress import batch_size, progress_iter
 
     for fmt in formats:
         if fmt not in FORMATS:
@@ -197,7 +198,9 @@ def create(src: str, out_dir: str, *, formats: Sequence[str] = ("tensorstore",),
                 t0 = time.perf_counter()
                 log(f"CIFAR-10: writing {path} ({count} records, {fmt})")
                 if fmt == "tensorstore":
-                    write_dataset(path, (parsed[n] for n in names), source=source, overwrite=True)
+                    write_dataset(path, progress_iter((parsed[n] for n in names), count,
+                                                      os.path.basename(path), "img", batch_size),
+                                  source=source, overwrite=True)
                     train_written |= split == "train"
                 else:
                     def datums():
@@ -207,7 +210,9 @@ def create(src: str, out_dir: str, *, formats: Sequence[str] = ("tensorstore",),
                             for k in range(images.shape[0]):
                                 yield "%05d" % i, array_to_datum(images[k], labels[k])
                                 i += 1
-                    (write_lmdb if fmt == "lmdb" else write_leveldb)(path, datums(), overwrite=True)
+                    (write_lmdb if fmt == "lmdb" else write_leveldb)(
+                        path, progress_iter(datums(), count, os.path.basename(path), "img"),
+                        overwrite=True)
                 log(f"CIFAR-10: {os.path.basename(path)} done in {time.perf_counter() - t0:.1f} s")
         mean_path = os.path.join(out_dir, MEAN_FILE)
         result[MEAN_FILE] = mean_path

@@ -283,12 +283,17 @@ def _write(path: str, fmt: str, images: np.ndarray, labels: np.ndarray, source: 
     from jcaffe.data.dataset import write_dataset
     from jcaffe.data.datum import array_to_datum
     from jcaffe.data.sources import write_leveldb, write_lmdb
+    from jcaffe.tools.progress import batch_size, chunks, progress_iter
 
+    n = images.shape[0]
+    desc = os.path.basename(path)
     if fmt == "tensorstore":
-        write_dataset(path, images, labels, source=source, overwrite=True)
+        write_dataset(path, progress_iter(chunks(images, labels), n, desc, "img", batch_size),
+                      source=source, overwrite=True)
         return
-    datums = (array_to_datum(images[i], labels[i]) for i in range(images.shape[0]))
-    (write_lmdb if fmt == "lmdb" else write_leveldb)(path, datums, overwrite=True)
+    datums = (array_to_datum(images[i], labels[i]) for i in range(n))
+    (write_lmdb if fmt == "lmdb" else write_leveldb)(
+        path, progress_iter(datums, n, desc, "img"), overwrite=True)
 
 
 def create(root: str, *, out_dir: str | None = None, formats: Sequence[str] = ("tensorstore",),

@@ -100,6 +100,7 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
     from jcaffe.data.image import (decode_image, encode_image, hwc_to_chw, native_channels,
                                    pil_format_for, resize_linear)
     from jcaffe.data.sources import write_leveldb, write_lmdb
+    from jcaffe.tools.progress import progress_iter
 
     if backend not in BACKENDS:
         raise DataError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -169,6 +170,10 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
 
     counter = [0]
 
+    def shown(items):
+        # a bar on a terminal; the "Processed N files." lines stay as Caffe's
+        return progress_iter(items, len(entries), os.path.basename(db_name.rstrip("/")), "img")
+
     def progress(item):
         counter[0] += 1
         if counter[0] % 1000 == 0:
@@ -178,7 +183,7 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
     if backend == "tensorstore":
         def batches():
             buf_x, buf_y = [], []
-            for _, _, chw, label in map(progress, records()):
+            for _, _, chw, label in map(progress, shown(records())):
                 buf_x.append(chw)
                 buf_y.append(label)
                 if len(buf_x) == _BATCH:
@@ -194,7 +199,7 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
                              + (f", shuffled with seed {seed}" if shuffle else "") + ")")
     else:
         writer = write_lmdb if backend == "lmdb" else write_leveldb
-        writer(db_name, ((key, datum) for key, datum, _, _ in map(progress, records())),
+        writer(db_name, ((key, datum) for key, datum, _, _ in map(progress, shown(records()))),
                overwrite=overwrite)
     if counter[0] % 1000:
         log(f"Processed {counter[0]} files.")
