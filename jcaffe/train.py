@@ -298,6 +298,7 @@ class Trainer:
         self._requested: str | None = None
         self._feeds = None
         self.last_snapshot: str | None = None
+        self._announced: set[str] = set()
         self._programs()
         if self.mesh is not None and verbose:
             _log.info("Data parallel on %d devices: batch %s per device; gradients averaged "
@@ -440,6 +441,10 @@ class Trainer:
 
     def _call(self, fn, what: str, *args):
         """Calls a jitted program; logs when (and how long) it had to compile."""
+        if self.verbose and what not in self._announced:
+            # The first call of each program compiles it: say so before the silence.
+            self._announced.add(what)
+            _log.info("Compiling %s ...", what)
         before = fn._cache_size()
         t0 = time.perf_counter()
         out = fn(*args)
