@@ -93,3 +93,29 @@ def test_python_m_jcaffe_train_missing_solver_is_one_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.prototxt" in lines[0], proc.stderr
+
+
+def test_device_query_rejects_flags_it_does_not_take(capfd):
+    rc, _, err = run_cli(["device_query", "--gpu", "0"], capfd)
+    assert rc == 1 and "unrecognized arguments: --gpu 0" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_train_level_and_stage_select_the_train_net(work, tmp_path, capfd):
+    """`caffe train --level --stage` set the train net's NetState: a layer included only for
+    stage 'big' at level >= 1 joins the net (its log line names it)."""
+    text = (work / "net.prototxt").read_text().replace(
+        'layer { name: "loss"',
+        'layer { name: "extra" type: "ReLU" bottom: "ip" top: "ip" '
+        'include { phase: TRAIN stage: "big" min_level: 1 } }\nlayer { name: "loss"')
+    (tmp_path / "net.prototxt").write_text(text)
+    (tmp_path / "solver.prototxt").write_text(
+        SOLVER.replace("test_interval: 10", "test_interval: 0").replace("test_iter: 3\n", "")
+        + f'net: "{tmp_path / "net.prototxt"}"\nsnapshot_prefix: "{tmp_path / "s"}"\n')
+    args = ["train", f"--solver={tmp_path / 'solver.prototxt'}", "--iterations=1"]
+    rc, _, err = run_cli(args, capfd)
+    assert rc == 0, err
+    assert "Creating Layer extra" not in err
+    rc, _, err = run_cli(args + ["--level=1", "--stage=big"], capfd)
+    assert rc == 0, err
+    assert "Creating Layer extra" in err

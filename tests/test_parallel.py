@@ -171,3 +171,43 @@ def test_two_processes_give_the_weights_of_one(runs, lenet):
     assert rel_diff(weights(d, "multi"), weights(d, "four")) <= 1e-5
     assert "Optimization Done" in logs[0] and "Optimization Done" not in logs[1]
     assert not list((d / "multi").glob("*.tmp*"))
+
+
+def test_a_killed_process_stops_the_others(runs, lenet, tmp_path):
+    """kill -9 of one process of a multi-process run: the other stops by itself within the
+    heartbeat timeout with an error, never hangs."""
+    import signal
+    import time
+    d, _ = runs
+    _, text = lenet
+    solver = make_solver(d, text, "killed", 16, iters=100000)
+    port = free_port()
+    common = ["--devices", "all", "--coordinator_address", f"127.0.0.1:{port}",
+              "--num_processes", "2", "--heartbeat_timeout", "5", "--iters_per_call", "1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "jcaffe.train", str(solver), *common,
+                               "--process_id", str(i), "--cpu"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=open(logs[i], "w"))
+             for i in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while "Iteration 10 " not in logs[0].read_text() and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-2000:]
+            time.sleep(0.5)
+        assert "Iteration 10 " in logs[0].read_text(), "training did not start"
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        procs[0].wait(timeout=120)
+        waited = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    err = logs[0].read_text()
+    # JAX's coordination service ends the survivor (SIGABRT) and says why.
+    assert procs[0].returncode != 0
+    assert "another task died" in err or "unhealthy" in err, err[-2000:]
+    assert waited < 60, waited

@@ -380,3 +380,31 @@ def test_logged_lr_is_the_rate_the_solver_applied(workdir, tmp_path):
     # iteration alone would say 0.01 for both.
     assert logged[8] == pytest.approx(0.02) and logged[9] == pytest.approx(0.01)
     assert solver_mod.learning_rate(r.sp, 8) == pytest.approx(0.01)
+
+
+def test_solver_weights_test_compute_loss_and_debug_info(workdir, full_run):
+    """The solver's `weights` fine-tune the train net (and the test nets), `test_compute_loss`
+    logs Caffe's `Test loss`, `debug_info` Caffe's per-layer means, `snapshot_diff` warns."""
+    model = workdir / "snap" / "tiny_iter_20.caffemodel"
+    t_full, _, _ = full_run
+    stream = _Capture()
+    log.setup(stream=stream)
+    try:
+        t = trainer(workdir, f'weights: "{model}"\ntest_compute_loss: true\ndebug_info: true\n'
+                    'snapshot_diff: true\n', max_iter=5, display=5, test_interval=5,
+                    snapshot=0, snapshot_after_train=False, base_lr=0.0, weight_decay=0.0)
+        t.verbose = True
+        assert_same_params(t.params, t_full.params)          # loaded before any iteration
+        results = t.solve()
+        t.close()
+    finally:
+        log.setup()
+    text = stream.text
+    assert "snapshot_diff: true is not supported" in text
+    losses = re.findall(r"Test loss: (\S+)", text)
+    assert losses
+    np.testing.assert_allclose(float(losses[-1]), results["test"][0]["loss"], rtol=1e-5)
+    assert re.search(r"\[Forward\] Layer conv, top blob conv data: \S+", text)
+    assert re.search(r"\[Backward\] Layer ip, param blob 1 diff: \S+", text)
+    # base_lr 0: the weights stay those of the file.
+    assert_same_params(t.params, t_full.params)
