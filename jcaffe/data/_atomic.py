@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from typing import Callable, Iterator
@@ -26,9 +27,52 @@ def _fsync_dir(path: str) -> None:
 
 
 def temp_name(path: str, tag: str = "tmp") -> str:
-    """A fresh hidden name beside ``path``: ``.<name>.<tag>-<random>``."""
+    """A fresh hidden name beside ``path``: ``.<name>.<tag>-<pid>-<random>`` (the writer's
+    process id lets a later writer recognise the leftovers of a killed one)."""
     parent, name = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:12]}")
+    return os.path.join(parent, f".{name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale(path: str) -> list[str]:
+    """Removes what writers of ``path`` killed outright (``kill -9``, power loss) left beside it:
+    their ``.tmp-`` directories, and puts back an ``.old-`` one (the replaced dataset, when the
+    kill fell between the two renames of a replacement) if ``path`` itself is missing.
+    Temporaries of live processes (another writer at work) are left alone. Returns what was
+    removed or restored."""
+    parent, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(r"\." + re.escape(name) + r"\.(tmp|old)-(\d+)-[0-9a-f]{12}")
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    done = []
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            continue
+        full = os.path.join(parent, entry)
+        if m.group(1) == "old" and not os.path.lexists(path):
+            with contextlib.suppress(OSError):
+                os.rename(full, path)
+                done.append(full)
+                continue
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(full)
+        done.append(full)
+    return done
 
 
 @contextlib.contextmanager
@@ -36,10 +80,13 @@ def atomic_dir(path: str, *, overwrite: bool,
                replaceable: Callable[[str], bool] | None = None) -> Iterator[str]:
     """Yields a new empty temporary directory; on a clean exit it becomes ``path``.
 
+    Leftovers of a writer of ``path`` that was killed are cleaned up first (``remove_stale``).
+
     ``path`` may exist only with ``overwrite``, and then only if ``replaceable(path)`` agrees (a
     dataset, not some unrelated folder); it is replaced only after the new one is complete.
     """
     path = os.path.abspath(path)
+    remove_stale(path)
     if os.path.lexists(path):
         if not overwrite:
             raise DataError(f"{path}: already exists (ask to overwrite it to replace it)")
