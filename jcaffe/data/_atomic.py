@@ -45,12 +45,13 @@ def _alive(pid: int) -> bool:
 
 def remove_stale(path: str) -> list[str]:
     """Removes what writers of ``path`` killed outright (``kill -9``, power loss) left beside it:
-    their ``.tmp-`` directories, and puts back an ``.old-`` one (the replaced dataset, when the
-    kill fell between the two renames of a replacement) if ``path`` itself is missing.
+    their ``.tmp-`` and ``.del-`` directories; an ``.old-`` one (the whole dataset being
+    replaced, when the kill fell between the two renames of a replacement) is put back if
+    ``path`` itself is missing, else removed.
     Temporaries of live processes (another writer at work) are left alone. Returns what was
     removed or restored."""
     parent, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(r"\." + re.escape(name) + r"\.(tmp|old)-(\d+)-[0-9a-f]{12}")
+    pattern = re.compile(r"\." + re.escape(name) + r"\.(tmp|old|del)-(\d+)-[0-9a-f]{12}")
     try:
         entries = sorted(os.listdir(parent))
     except OSError:
@@ -117,7 +118,11 @@ def atomic_dir(path: str, *, overwrite: bool,
             except BaseException:
                 os.rename(old, path)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed before the (slow, interruptible) removal: an ".old-" name always holds a
+            # whole dataset, which remove_stale may put back; a ".del-" one is only removed.
+            gone = temp_name(path, "del")
+            os.rename(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
         else:
             os.rename(tmp, path)
         _fsync_dir(parent)
