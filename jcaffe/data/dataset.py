@@ -276,20 +276,29 @@ def read_metadata(path: str) -> dict:
         raise DataError(f"{mpath}: not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{mpath}: not a jcaffe dataset metadata file (format is not '{FORMAT}')")
+    def is_int(v) -> bool:  # JSON true/false are not numbers here
+        return isinstance(v, int) and not isinstance(v, bool)
+
     version = meta.get("version")
-    if not isinstance(version, int) or version < 1:
+    if not is_int(version) or version < 1:
         raise DataError(f"{mpath}: bad format version {version!r}")
     if version > VERSION:
         raise DataError(f"{mpath}: format version {version} is newer than this jcaffe reads "
                         f"({VERSION})")
     count, shape, dtype = meta.get("count"), meta.get("shape"), meta.get("dtype")
-    if not isinstance(count, int) or count < 1:
+    if not is_int(count) or count < 1:
         raise DataError(f"{mpath}: bad record count {count!r}")
     if (not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(v, int) and v > 0 for v in shape)):
+            or not all(is_int(v) and v > 0 for v in shape)):
         raise DataError(f"{mpath}: bad record shape {shape!r}; expected [C, H, W]")
     if dtype not in ("uint8", "float32"):
         raise DataError(f"{mpath}: bad dtype {dtype!r}; expected 'uint8' or 'float32'")
+    chunk = meta.get("chunk_records", 1)
+    if not is_int(chunk) or not 1 <= chunk < 2**31:
+        raise DataError(f"{mpath}: bad chunk_records {chunk!r}; expected a positive integer")
+    if not isinstance(meta.get("checksum", {}), dict):
+        raise DataError(f"{mpath}: bad checksum {meta['checksum']!r}; expected an object "
+                        f"{{\"algorithm\": \"sha256\", \"data\": ..., \"label\": ...}}")
     return meta
 
 
