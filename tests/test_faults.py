@@ -11,6 +11,7 @@ import glob
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from jcaffe.caffemodel import load_caffemodel, read_solverstate
-from jcaffe.data.dataset import verify_dataset, write_dataset
+from jcaffe.data.dataset import read_dataset, verify_dataset, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 180
@@ -54,8 +55,10 @@ solver_mode: CPU
 random_seed: 11
 """
 
-# Hidden temporaries of jcaffe's atomic file writer: ".<name>.<pid>.<hex>.tmp".
-_FILE_TMP = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]{8}\.tmp")
+# Hidden temporaries of jcaffe's atomic file writer: ".<name>.<pid>.<hex>.tmp" (or
+# ".<name>.tmp-[<pid>-]<hex>"): the target's name, and the writer's pid where it is given.
+_FILE_TMP = re.compile(r"\.(.+?_iter_\d+\.(?:caffemodel|solverstate))\."
+                       r"(?:(\d+)\.[0-9a-f]{8}\.tmp|tmp-(?:(\d+)-)?[0-9a-f]{12})")
 
 
 def _make_data(n, seed):
@@ -204,7 +207,8 @@ def test_kill_9_while_snapshotting_leaves_complete_files_and_resumes(db, tmp_pat
         for name in _leftover_temporaries(snap):
             # A killed writer's temporary: hidden, named after its target and the dead pid.
             m = _FILE_TMP.fullmatch(name)
-            assert m and int(m.group(2)) in killed, name
+            pid = m and (m.group(2) or m.group(3))
+            assert m and (pid is None or int(pid) in killed), name
         for it in sorted(_snapshots(snap))[:-2]:  # keep the disk small
             for p in _snapshots(snap)[it]:
                 if p:
@@ -278,7 +282,6 @@ def test_kill_9_while_creating_a_dataset_then_rerun_finishes(tmp_path):
                    and e.split("-")[1] in killed for e in left), left
         outcomes.append(bool(left))
     # A fresh start on an empty folder, killed, then re-run in this process.
-    import shutil
     shutil.rmtree(target)
     p, t0 = start()
     time.sleep(duration * 0.3)
@@ -286,8 +289,9 @@ def test_kill_9_while_creating_a_dataset_then_rerun_finishes(tmp_path):
     p.wait(TIMEOUT)
     assert not os.path.exists(target) or verify_dataset(target)["count"] == n
     write_dataset(target, x, y, overwrite=True)
-    d, lab = verify_dataset(target) and __import__("jcaffe.data.dataset",
-                                                   fromlist=["x"]).read_dataset(target).read_all()
+    assert verify_dataset(target)["count"] == n
+    with read_dataset(target) as src:
+        d, lab = src.read_all()
     np.testing.assert_array_equal(d, x)
     np.testing.assert_array_equal(lab, y)
     assert [e for e in os.listdir(tmp_path) if e.startswith(".mnistlike.")] == []
@@ -317,8 +321,7 @@ def test_interrupted_replacement_is_put_back(tmp_path):
 # A full disk during a snapshot
 
 _ENOSPC_RUNNER = """
-import builtins, errno, sys
-import jcaffe.caffemodel as cm
+import builtins, errno, os, sys
 
 victim = sys.argv[1]        # the target whose write fails: '..._iter_4.caffemodel' or '.solverstate'
 real_open = builtins.open
@@ -338,11 +341,12 @@ class Full:
 
 def open_(file, mode="r", *a, **k):
     f = real_open(file, mode, *a, **k)
-    if "w" in mode and str(file).endswith(".tmp") and ("." + victim + ".") in str(file):
-        return Full(f)
+    base = os.path.basename(str(file))
+    if "w" in mode and base.startswith("." + victim + ".") and "tmp" in base:
+        return Full(f)   # the atomic writer's temporary for the victim
     return f
 
-cm.open = open_   # the module's writes go through this name
+builtins.open = open_
 from jcaffe.train import main
 sys.exit(main(sys.argv[2:]))
 """

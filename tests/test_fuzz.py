@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-import shutil
 import warnings
 
 import jax
@@ -72,11 +71,14 @@ INTERESTING = [b"0", b"-1", b"1", b"2", b"4294967296", b"-2147483649", b"1e40", 
                b"\"InnerProduct\"", b"\"Reshape\"", b"\"Slice\"", b"\"Concat\"", b"TRAIN",
                b"999999", b"kernel_size", b"stride", b"pad", b"num_output", b"axis", b"dim"]
 
+NUMBERS = [b"0", b"-1", b"1", b"2", b"3", b"7", b"100000", b"4294967296", b"-2147483649",
+           b"1e40", b"-1e40", b"nan", b"inf", b"-0.0", b"0.5"]
+_NUMBER = re.compile(rb"(?<=: )-?\d+(?:\.\d*)?(?:[eE]-?\d+)?")
 _TOKEN = re.compile(rb"[A-Za-z_][A-Za-z0-9_.]*|-?\d+(?:\.\d*)?(?:[eE]-?\d+)?|\"[^\"\n]*\"|\S")
 
 ops = st.lists(st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate",
                                           "line_del", "line_dup", "line_swap", "tok_set",
-                                          "tok_copy", "tok_del"]),
+                                          "tok_copy", "tok_del", "num_set"]),
                          st.integers(0, 1 << 20), st.integers(0, 1 << 20), st.integers(0, 255)),
                min_size=1, max_size=4)
 
@@ -108,6 +110,11 @@ def mutate(data: bytes, operations) -> bytes:
             else:
                 lines[a], lines[c] = lines[c], lines[a]
             b = bytearray(b"\n".join(lines))
+        elif kind == "num_set":
+            nums = list(_NUMBER.finditer(bytes(b)))
+            if nums:
+                t = nums[i % len(nums)]
+                b[t.start():t.end()] = NUMBERS[v % len(NUMBERS)]
         else:
             toks = list(_TOKEN.finditer(bytes(b)))
             if not toks:
