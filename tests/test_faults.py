@@ -190,12 +190,20 @@ def test_kill_9_while_snapshotting_leaves_complete_files_and_resumes(db, tmp_pat
     rng = random.Random(20261201)
     kills = 0
     killed: set[int] = set()
-    for _ in range(3):
+    for k in range(3):
         proc = _start([solver])
         log = _Log(proc)
         try:
             log.wait_for(r"Snapshotting solver state")
-            time.sleep(rng.uniform(0.0, 0.6))
+            if k == 1:
+                # This kill waits for a writer's temporary to appear: it lands inside a write.
+                seen = set(_leftover_temporaries(snap))
+                deadline = time.monotonic() + 20
+                while (set(_leftover_temporaries(snap)) <= seen
+                       and time.monotonic() < deadline and proc.poll() is None):
+                    time.sleep(0.001)
+            else:
+                time.sleep(rng.uniform(0.0, 0.6))
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait(TIMEOUT)
