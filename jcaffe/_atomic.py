@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from typing import Callable, Iterator
@@ -26,9 +27,52 @@ from jcaffe.errors import DataError, JcaffeError
 
 
 def temp_name(path: str, tag: str = "tmp") -> str:
-    """A fresh hidden name beside ``path``: ``.<name>.<tag>-<random>``."""
+    """A fresh hidden name beside ``path``: ``.<name>.<tag>-<pid>-<random>`` (the writer's
+    process id lets a later writer recognise the leftovers of a killed one)."""
     parent, name = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:12]}")
+    return os.path.join(parent, f".{name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale(path: str) -> list[str]:
+    """Removes what writers of ``path`` killed outright (``kill -9``, power loss) left beside it:
+    their ``.tmp-`` and ``.del-`` entries; an ``.old-`` one (the whole dataset being replaced,
+    when the kill fell between the two renames of a replacement) is put back if ``path``
+    itself is missing, else removed. Temporaries of live processes (another writer at work)
+    are left alone. Returns what was removed or restored."""
+    parent, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(r"\." + re.escape(name) + r"\.(tmp|old|del)-(\d+)-[0-9a-f]{12}")
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    done = []
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            continue
+        full = os.path.join(parent, entry)
+        if m.group(1) == "old" and not os.path.lexists(path):
+            with contextlib.suppress(OSError):
+                os.rename(full, path)
+                done.append(full)
+                continue
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(full)
+        done.append(full)
+    return done
 
 
 def fsync_dir(path: str) -> None:
@@ -99,9 +143,11 @@ def atomic_dir(path: str, *, overwrite: bool,
 
     ``path`` may exist only with ``overwrite``, and then only if ``replaceable(path)`` agrees (a
     dataset, not some unrelated folder); it is replaced only after the new one is complete (the
-    old one is first renamed aside, and put back if the second rename fails).
+    old one is first renamed aside, and put back if the second rename fails). Leftovers of a
+    writer of ``path`` that was killed are cleaned up first (``remove_stale``).
     """
     path = os.path.abspath(path)
+    remove_stale(path)
     if os.path.lexists(path):
         if not overwrite:
             raise error(f"{path}: already exists (ask to overwrite it to replace it)")
@@ -132,7 +178,11 @@ def atomic_dir(path: str, *, overwrite: bool,
             except BaseException:
                 os.rename(old, path)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed before the (slow, interruptible) removal: an ".old-" name always holds a
+            # whole dataset, which remove_stale may put back; a ".del-" one is only removed.
+            gone = temp_name(path, "del")
+            os.rename(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
         else:
             os.rename(tmp, path)
         fsync_dir(parent)
@@ -145,4 +195,4 @@ def atomic_dir(path: str, *, overwrite: bool,
         raise
 
 
-__all__ = ["atomic_file", "atomic_write", "atomic_dir", "temp_name", "fsync_dir"]
+__all__ = ["atomic_file", "atomic_write", "atomic_dir", "temp_name", "fsync_dir", "remove_stale"]

@@ -302,5 +302,23 @@ register_command("upgrade_solver_proto_text",
                     "'type'.", _upgrade_solver_text))
 
 
+@register_command("verify_dataset",
+                  "check a jcaffe dataset against its recorded SHA-256 (one-line verdict): DB")
+def _cmd_verify_dataset(argv: list[str]) -> int:
+    parser = command_parser("verify_dataset", "Reads every record of a jcaffe dataset and "
+                            "compares it with the SHA-256 recorded in its jcaffe_dataset.json "
+                            "(chunk checksums are checked on the way). Prints one line; exits "
+                            "1 when the dataset is damaged.")
+    parser.add_argument("db", metavar="DB")
+    args = parse_flags(argv, parser)
+    from jcaffe.data.dataset import verify_dataset
+
+    meta = verify_dataset(args.db)
+    print(f"{args.db}: OK: {meta['count']} records {meta['shape']} {meta['dtype']} match their "
+          f"sha256 (data {meta['checksum']['data'][:12]}..., label "
+          f"{meta['checksum']['label'][:12]}...)")
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -4,7 +4,7 @@ missing folders created)."""
 
 from __future__ import annotations
 
-from jcaffe._atomic import atomic_dir, atomic_write, temp_name
+from jcaffe._atomic import atomic_dir, atomic_write, remove_stale, temp_name
 from jcaffe.errors import DataError
 
 
@@ -13,4 +13,4 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     atomic_write(path, data, error=DataError, make_parents=True)
 
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "temp_name"]
+__all__ = ["atomic_dir", "atomic_write_bytes", "remove_stale", "temp_name"]

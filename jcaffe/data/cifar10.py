@@ -131,7 +131,7 @@ def _describe(split: str, digests: dict[str, str]) -> str:
 
 
 def _up_to_date(path: str, fmt: str, source: str, count: int) -> bool:
-    from jcaffe.data.dataset import read_metadata
+    from jcaffe.data.dataset import has_chunk_checksums, read_metadata
     from jcaffe.data.datum import datum_to_array
     from jcaffe.data.sources import db_bounds, detect_kind
 
@@ -140,7 +140,8 @@ def _up_to_date(path: str, fmt: str, source: str, count: int) -> bool:
     try:
         if fmt == "tensorstore":
             meta = read_metadata(path)
-            return meta["source"] == source and meta["count"] == count
+            return (meta["source"] == source and meta["count"] == count
+                    and has_chunk_checksums(path))
         first_key, last_key, first_value = db_bounds(path)
         arr, _ = datum_to_array(first_value, path)
         return (first_key == b"%05d" % 0 and last_key == b"%05d" % (count - 1)

@@ -7,8 +7,9 @@ Layout of a dataset directory ``PATH``::
     PATH/label/                zarr v3 array [N], int32
 
 ``data`` is chunked along N only (``chunk_records`` records per chunk, whole C, H, W; about 2 MiB
-per chunk, at most 1024 records) and zstd-compressed, so reading a batch of consecutive records
-touches one or two chunks; ``label`` likewise. Records are in index order, which is the order Caffe
+per chunk, at most 1024 records), zstd-compressed and followed by a CRC32C of the stored chunk
+(zarr v3's ``crc32c`` codec), so reading a batch of consecutive records touches one or two chunks
+and every chunk read is checked; ``label`` likewise. Records are in index order, which is the order Caffe
 would read them from the database they came from.
 
 ``jcaffe_dataset.json``::
@@ -18,13 +19,22 @@ would read them from the database they came from.
      "checksum": {"algorithm": "sha256", "data": "<hex>", "label": "<hex>"}, "created_by": "..."}
 
 ``checksum.data`` is the SHA-256 of all records' data bytes in index order (C order, little
-endian); ``checksum.label`` that of the labels as little-endian int32. ``verify_dataset`` recomputes
-both.
+endian); ``checksum.label`` that of the labels as little-endian int32. ``verify_dataset`` (and
+``jcaffe verify_dataset DB``) recomputes both.
+
+Integrity: a chunk whose CRC32C does not match (a flipped bit, a torn write) fails its read with a
+``DataError`` naming the dataset, the array and the chunk's records, before any record of the read
+is used. Datasets written before chunks carried checksums still open, with one warning per dataset
+and process; only ``verify_dataset`` can check them (rewriting them adds the checksums). A chunk
+file that is missing altogether reads as zeros (zarr's fill value): only ``verify_dataset``
+catches that.
 
 Writing (``write_dataset``) is atomic: the dataset is built in a hidden temporary directory beside
 ``PATH`` (``.NAME.tmp-*``) and renamed into place only when complete; with ``overwrite=True`` an
 existing dataset is replaced only then. A failure, an interrupt included, removes the temporary and
-leaves any existing dataset untouched.
+leaves any existing dataset untouched; a process killed outright (``kill -9``) leaves its hidden
+``.NAME.tmp-*`` directory behind, which readers never see (``PATH`` does not exist until the
+rename) and the next ``write_dataset`` of ``PATH`` removes.
 
 Reading: ``read_dataset(PATH)`` returns a ``jcaffe.data.sources.Source`` (kind "tensorstore").
 """
@@ -34,6 +44,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -48,6 +60,7 @@ _CHUNK_TARGET_BYTES = 2 << 20
 _MAX_CHUNK_RECORDS = 1024
 _LABEL_CHUNK = 1 << 16
 _FLUSH_BYTES = 16 << 20
+CHUNK_CHECKSUM = "crc32c"
 
 
 def default_chunk_records(shape: tuple[int, int, int], dtype) -> int:
@@ -56,12 +69,17 @@ def default_chunk_records(shape: tuple[int, int, int], dtype) -> int:
     return int(max(1, min(_MAX_CHUNK_RECORDS, _CHUNK_TARGET_BYTES // max(1, record_bytes))))
 
 
-def _zarr_spec(path: str, shape, dtype: str, chunks, *, create: bool, compress: bool = True):
+def _zarr_spec(path: str, shape, dtype: str, chunks, *, create: bool, compress: bool = True,
+               checksum: bool = True):
     spec: dict[str, Any] = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
     if create:
         codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
         if compress:
             codecs.append({"name": "zstd", "configuration": {"level": 3}})
+        if checksum:
+            # Last in the chain: the CRC32C covers the stored (compressed) bytes, so a damaged
+            # chunk fails its read instead of decompressing into wrong records.
+            codecs.append({"name": CHUNK_CHECKSUM})
         spec["metadata"] = {
             "shape": list(shape), "data_type": dtype,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
@@ -240,6 +258,10 @@ def write_dataset(path: str, data, labels=None, *, source: str = "", overwrite: 
 # --------------------------------------------------------------------------------------------
 # Reading
 
+def _one_line(e) -> str:
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+
+
 def read_metadata(path: str) -> dict:
     """The validated contents of ``path``'s ``jcaffe_dataset.json``."""
     mpath = os.path.join(path, METADATA_FILE)
@@ -254,25 +276,47 @@ def read_metadata(path: str) -> dict:
         raise DataError(f"{mpath}: not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{mpath}: not a jcaffe dataset metadata file (format is not '{FORMAT}')")
+    def is_int(v) -> bool:  # JSON true/false are not numbers here
+        return isinstance(v, int) and not isinstance(v, bool)
+
     version = meta.get("version")
-    if not isinstance(version, int) or version < 1:
+    if not is_int(version) or version < 1:
         raise DataError(f"{mpath}: bad format version {version!r}")
     if version > VERSION:
         raise DataError(f"{mpath}: format version {version} is newer than this jcaffe reads "
                         f"({VERSION})")
     count, shape, dtype = meta.get("count"), meta.get("shape"), meta.get("dtype")
-    if not isinstance(count, int) or count < 1:
+    if not is_int(count) or count < 1:
         raise DataError(f"{mpath}: bad record count {count!r}")
     if (not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(v, int) and v > 0 for v in shape)):
+            or not all(is_int(v) and v > 0 for v in shape)):
         raise DataError(f"{mpath}: bad record shape {shape!r}; expected [C, H, W]")
     if dtype not in ("uint8", "float32"):
         raise DataError(f"{mpath}: bad dtype {dtype!r}; expected 'uint8' or 'float32'")
+    chunk = meta.get("chunk_records", 1)
+    if not is_int(chunk) or not 1 <= chunk < 2**31:
+        raise DataError(f"{mpath}: bad chunk_records {chunk!r}; expected a positive integer")
+    if not isinstance(meta.get("checksum", {}), dict):
+        raise DataError(f"{mpath}: bad checksum {meta['checksum']!r}; expected an object "
+                        f"{{\"algorithm\": \"sha256\", \"data\": ..., \"label\": ...}}")
     return meta
 
 
+def _has_chunk_checksum(store) -> bool:
+    try:
+        codecs = store.codec.to_json().get("codecs") or []
+    except (AttributeError, ValueError):
+        return False
+    return any(isinstance(c, dict) and c.get("name") == CHUNK_CHECKSUM for c in codecs)
+
+
 class TensorstoreSource(Source):
-    """A jcaffe dataset opened for reading (see the module docstring)."""
+    """A jcaffe dataset opened for reading (see the module docstring).
+
+    Every chunk read is checked against its CRC32C (datasets written before chunks carried one
+    open with a warning, and are checked only by ``verify``); a damaged chunk raises
+    ``DataError`` naming the dataset, the array and the records, before any of them is used.
+    """
 
     def __init__(self, path: str):
         import tensorstore as ts
@@ -294,7 +338,8 @@ class TensorstoreSource(Source):
                                              create=False), read=True, write=False,
                                   context=ctx).result()
         except ValueError as e:
-            raise DataError(f"{path}: dataset arrays are missing or damaged: {e}") from None
+            raise DataError(f"{path}: dataset arrays are missing or damaged: "
+                            f"{_one_line(e)}") from None
         want = (self.count, *self.datum_shape)
         if tuple(self._data.shape) != want or self._data.dtype.numpy_dtype != np.dtype(self.dtype):
             raise DataError(f"{path}: 'data' array is {list(self._data.shape)} "
@@ -304,15 +349,45 @@ class TensorstoreSource(Source):
             raise DataError(f"{path}: 'label' array is {list(self._label.shape)} "
                             f"{self._label.dtype.numpy_dtype}, but the metadata says "
                             f"[{self.count}] int32")
+        unchecked = [name for name, store in (("data", self._data), ("label", self._label))
+                     if not _has_chunk_checksum(store)]
+        self.chunk_checksums = not unchecked
+        if unchecked:
+            # The warnings machinery shows this once per dataset per process (the CLI logs it
+            # as one line), however often the data layers reopen the source.
+            warnings.warn(f"{path}: dataset written without chunk checksums (by an older "
+                          f"jcaffe; arrays {', '.join(repr(n) for n in unchecked)}): damaged "
+                          f"chunks are not detected when read; check it with `jcaffe "
+                          f"verify_dataset {path}` or recreate it", UserWarning, stacklevel=3)
+
+    def _read_failure(self, name: str, store, start: int, n: int, e: Exception) -> str:
+        text = _one_line(e)
+        records = f"records [{start}, {start + n})"
+        keys = re.findall(re.escape(name) + r"[/\\]c[/\\](\d+)\b", text)
+        if keys:
+            try:
+                k = int(store.chunk_layout.read_chunk.shape[0])
+                a = int(keys[-1]) * k
+                records = f"records [{a}, {min(a + k, self.count)}) (chunk {keys[-1]})"
+            except (AttributeError, TypeError, ValueError):
+                pass
+        low = text.lower()
+        if any(w in low for w in ("data_loss", "digest", "checksum", "decompress", "decod")):
+            return (f"{self.path}: array '{name}', {records}: damaged chunk ({text}); recreate "
+                    f"the dataset (`jcaffe verify_dataset {self.path}` checks it whole)")
+        return f"{self.path}: array '{name}', {records}: read failed: {text}"
 
     def _read(self, start: int, n: int):
-        try:
-            fd = self._data[start:start + n].read()
-            fl = self._label[start:start + n].read()
-            return np.asarray(fd.result()), np.asarray(fl.result(), dtype=np.int32)
-        except ValueError as e:
-            raise DataError(f"{self.path}: reading records [{start}, {start + n}) failed: {e}"
-                            ) from None
+        # Both reads are issued before either is awaited; each failure names its own array.
+        pending = [(name, store, store[start:start + n].read())
+                   for name, store in (("data", self._data), ("label", self._label))]
+        out = []
+        for name, store, future in pending:
+            try:
+                out.append(np.asarray(future.result()))
+            except ValueError as e:
+                raise DataError(self._read_failure(name, store, start, n, e)) from None
+        return out[0], out[1].astype(np.int32, copy=False)
 
     def verify(self) -> None:
         """Recomputes the content checksums; raises ``DataError`` on a mismatch."""
@@ -328,6 +403,20 @@ class TensorstoreSource(Source):
         if dh.hexdigest() != want.get("data") or lh.hexdigest() != want.get("label"):
             raise DataError(f"{self.path}: content checksum mismatch (the dataset was modified "
                             "or damaged); recreate it")
+
+
+def has_chunk_checksums(path: str) -> bool:
+    """Whether both arrays of the dataset at ``path`` carry a checksum per chunk (datasets
+    written by jcaffe before chunk checksums do not; rewriting them adds it)."""
+    for name in ("data", "label"):
+        try:
+            with open(os.path.join(os.fspath(path), name, "zarr.json")) as f:
+                codecs = json.load(f).get("codecs") or []
+        except (OSError, ValueError, AttributeError):
+            return False
+        if not any(isinstance(c, dict) and c.get("name") == CHUNK_CHECKSUM for c in codecs):
+            return False
+    return True
 
 
 def read_dataset(path: str) -> TensorstoreSource:
@@ -348,4 +437,4 @@ def verify_dataset(path: str) -> dict:
 
 
 __all__ = ["write_dataset", "read_dataset", "read_metadata", "verify_dataset",
-           "TensorstoreSource", "default_chunk_records", "FORMAT", "VERSION"]
+           "has_chunk_checksums", "TensorstoreSource", "default_chunk_records", "FORMAT", "VERSION"]

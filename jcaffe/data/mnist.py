@@ -257,7 +257,7 @@ def source_description(split: str, limit: int | None = None) -> str:
 
 
 def _up_to_date(path: str, fmt: str, split: str, count: int, limit: int | None) -> bool:
-    from jcaffe.data.dataset import read_metadata
+    from jcaffe.data.dataset import has_chunk_checksums, read_metadata
     from jcaffe.data.datum import datum_to_array
     from jcaffe.data.sources import db_bounds, detect_kind
 
@@ -269,7 +269,8 @@ def _up_to_date(path: str, fmt: str, split: str, count: int, limit: int | None) 
             return (meta["source"] == source_description(split, limit) and meta["count"] == count
                     and meta["shape"] == [1, 28, 28] and meta["dtype"] == "uint8"
                     and os.path.isdir(os.path.join(path, "data"))
-                    and os.path.isdir(os.path.join(path, "label")))
+                    and os.path.isdir(os.path.join(path, "label"))
+                    and has_chunk_checksums(path))
         # Written atomically with keys 00000000 .. count-1: the bounds tell completeness.
         first_key, last_key, first_value = db_bounds(path)
         arr, _ = datum_to_array(first_value, path)
