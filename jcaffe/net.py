@@ -67,7 +67,20 @@ def _shape_str(shape: Shape) -> str:
 
 
 class Net:
-    """A Caffe net for one NetState. See the module docstring for the API."""
+    """A Caffe net for one NetState. See the module docstring for the API.
+
+    Params keys: ``params`` (and ``ParamInfo.layer``, ``layer.name``) use a net-unique key per
+    layer. It is the prototxt's layer name, except for later layers of a repeated name (Caffe
+    accepts those, e.g. two "loss" layers): they get ``name#2``, ``name#3``, ... by occurrence,
+    skipping any key another layer of the net is named. ``layer.param.name`` keeps the
+    prototxt's name; ``.caffemodel`` files are written with it. Lookups by name follow Caffe:
+    ``copy_from`` fills the first layer of a name, ``shared_layer_keys`` maps a test net's
+    layers to the train net's as ``ShareTrainedLayersWith`` does.
+
+    Anonymous tops: a loss layer given no top gets one, as Caffe's ``AutoTopBlobs``; its
+    internal blob name is ``(automatic):<layer key>:<index>`` and ``blob_display_name`` shows it
+    as Caffe does, ``(automatic)``. It adds to the loss but is no net output.
+    """
 
     def __init__(self, net_param: caffe_pb2.NetParameter | str | os.PathLike,
                  phase: str | int = "TRAIN", level: int = 0, stages: Sequence[str] = (),
