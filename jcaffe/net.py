@@ -148,7 +148,7 @@ class Net:
                 raise NetError(f"layer '{lp.name}' (type {lp.type}): propagate_down must be "
                                f"given 0 or {len(lp.bottom)} times (once per bottom), got "
                                f"{len(lp.propagate_down)}")
-            cls = layer_class(lp)
+            cls = _layer_class(lp, self.source)
             self._info("Creating Layer %s", lp.name)
             for b in lp.bottom:
                 self._info("%s <- %s", lp.name, b)
@@ -532,6 +532,23 @@ _AUTOMATIC_PREFIX = "(automatic):"
 
 def _is_automatic(blob_name: str) -> bool:
     return blob_name.startswith(_AUTOMATIC_PREFIX)
+
+
+def _layer_class(lp, source: str):
+    """The layer class, or a NetError saying whether the type is a fork's or BVLC Caffe's."""
+    from jcaffe.layers.base import known_types
+    from jcaffe.layers.catalog import BVLC_LAYER_TYPES, fork_note
+
+    known = known_types()
+    if lp.type in known:
+        return layer_class(lp)
+    where = f"{source}: layer '{lp.name}'"
+    if lp.type in BVLC_LAYER_TYPES:
+        why = "a BVLC Caffe layer type jcaffe does not implement"
+    else:
+        why = f"it {fork_note(lp.type)}"
+    raise NetError(f"{where}: unknown layer type '{lp.type}': {why}. Known types: "
+                   f"{', '.join(known)}")
 
 
 def _layer_keys(names: Sequence[str]) -> list[str]:

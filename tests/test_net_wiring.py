@@ -298,3 +298,53 @@ def test_sharing_layer_mismatched_mult_is_an_error(owner, sharer, field):
     with pytest.raises(NetError, match=f"layer 'b': shared param 'w' has {field} 1 here but "
                                        f".* in its owner, layer 'a'"):
         net(SHARE % (owner, sharer))
+
+
+# -- nets from Caffe forks --------------------------------------------------------------------
+FORK_FIELD = """name: "ssdish"
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }
+layer {
+  name: "conv4_3_norm"
+  type: "Normalize"
+  bottom: "x"
+  top: "n"
+  norm_param { across_spatial: false }
+}
+"""
+
+
+def test_fork_field_is_one_line_naming_file_line_layer_and_fork(tmp_path):
+    from jcaffe import prototxt
+    from jcaffe.errors import ProtoError
+
+    path = tmp_path / "ssdish.prototxt"
+    path.write_text(FORK_FIELD)
+    with pytest.raises(ProtoError) as e:
+        prototxt.read_net(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}:8:3: layer 'conv4_3_norm' (type Normalize): field "
+                          f"'norm_param' belongs to a Caffe fork, SSD")
+    assert "not to BVLC Caffe" in msg
+
+
+def test_typo_field_still_gets_a_suggestion(tmp_path):
+    from jcaffe import prototxt
+    from jcaffe.errors import ProtoError
+
+    path = tmp_path / "typo.prototxt"
+    path.write_text('layer { name: "c" type: "Convolution" convolutoin_param { } }')
+    with pytest.raises(ProtoError, match="unknown field 'convolutoin_param' in LayerParameter "
+                                         "\\(did you mean 'convolution_param'\\?\\)"):
+        prototxt.read_net(str(path))
+
+
+@pytest.mark.parametrize("layer_type,why", [
+    ("Permute", "belongs to a Caffe fork, SSD"),
+    ("MyOwnLayer", "is not BVLC Caffe's \\(the net probably comes from a Caffe fork\\)"),
+])
+def test_fork_layer_type_is_named_as_such(layer_type, why):
+    text = ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 } } }'
+            f'layer {{ name: "p" type: "{layer_type}" bottom: "x" top: "y" }}')
+    with pytest.raises(NetError, match=f"layer 'p': unknown layer type '{layer_type}': it {why}"):
+        net(text)
