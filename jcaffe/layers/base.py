@@ -63,7 +63,7 @@ def known_types() -> list[str]:
     return sorted(REGISTRY)
 
 
-_FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data")
+_FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data", "spatial")
 
 
 def _load_families() -> None:
