@@ -134,6 +134,11 @@ class Net:
         self._has_mult: list[list[bool]] = []  # per params_info entry: lr_mult, decay_mult given
         self.force_backward = bool(self.net_param.force_backward)
         self._stopped_bottoms: dict[str, frozenset[int]] = {}
+        # Layers whose LayerParameter.phase differs from the net's: their fixed train flag.
+        self._layer_train: dict[str, bool] = {}
+        if self.net_param.debug_info:
+            _log.warning("%s: debug_info: true is not implemented (Caffe logs every layer's data "
+                         "and gradient norms per pass); the net runs without it", self.source)
         param_names: dict[str, tuple[str, int, Shape]] = {}
         keys = _layer_keys([lp.name for lp in self.net_param.layer])
 
@@ -153,7 +158,11 @@ class Net:
             for b in lp.bottom:
                 self._info("%s <- %s", lp.name, b)
             build_lp = _with_automatic_tops(lp, cls, key)
-            layer = cls(build_lp, [shapes[b] for b in lp.bottom], self.phase)
+            # A layer's own ``phase`` wins over the net's (Caffe: inherited only when unset).
+            phase = lp.phase if lp.HasField("phase") else self.phase
+            if phase != self.phase:
+                self._layer_train[key] = phase == caffe_pb2.TRAIN
+            layer = cls(build_lp, [shapes[b] for b in lp.bottom], phase)
             # The layer keeps the prototxt's LayerParameter (an anonymous top is not part of
             # it, as in Caffe) and the net-unique name that keys its params.
             layer.param = lp
@@ -361,7 +370,7 @@ class Net:
         frozen_set = self._frozen_params if frozen else frozenset()
         for i, layer in enumerate(self.layers):
             lkey = jax.random.fold_in(key, i) if (key is not None and layer.needs_key) else None
-            ctx = Context(train=train, key=lkey)
+            ctx = Context(train=self._layer_train.get(layer.name, train), key=lkey)
             channels_last = False
             if layer.is_data:
                 try:

@@ -348,3 +348,35 @@ def test_fork_layer_type_is_named_as_such(layer_type, why):
             f'layer {{ name: "p" type: "{layer_type}" bottom: "x" top: "y" }}')
     with pytest.raises(NetError, match=f"layer 'p': unknown layer type '{layer_type}': it {why}"):
         net(text)
+
+
+# -- a layer's own phase, debug_info ----------------------------------------------------------
+def test_layer_phase_overrides_the_nets():
+    text = """
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 50 } } }
+    layer { name: "drop" type: "Dropout" bottom: "x" top: "y" phase: %s
+            dropout_param { dropout_ratio: 0.5 } }
+    """
+    x = {"x": np.ones((2, 50), np.float32)}
+    # Caffe's Dropout in a TRAIN net but with phase: TEST is the identity.
+    n = net(text % "TEST")
+    np.testing.assert_array_equal(n.apply({}, x, key=jax.random.key(0))["y"], x["x"])
+    # And with phase: TRAIN in a TEST net it drops (values 0 or 1/(1-0.5) = 2).
+    t = net(text % "TRAIN", "TEST")
+    y = np.asarray(t.apply({}, x, key=jax.random.key(0))["y"])
+    assert set(np.unique(y)) == {0.0, 2.0}
+
+
+def test_debug_info_is_not_silently_ignored(caplog):
+    import logging
+
+    from jcaffe import log
+
+    log.setup()
+    logging.getLogger("jcaffe").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="jcaffe"):
+            net("debug_info: true\n" + NO_TOP % "")
+    finally:
+        logging.getLogger("jcaffe").propagate = False
+    assert "debug_info: true is not implemented" in caplog.text
