@@ -69,7 +69,20 @@ def _shape_str(shape: Shape) -> str:
 
 
 class Net:
-    """A Caffe net for one NetState. See the module docstring for the API."""
+    """A Caffe net for one NetState. See the module docstring for the API.
+
+    Params keys: ``params`` (and ``ParamInfo.layer``, ``layer.name``) use a net-unique key per
+    layer. It is the prototxt's layer name, except for later layers of a repeated name (Caffe
+    accepts those, e.g. two "loss" layers): they get ``name#2``, ``name#3``, ... by occurrence,
+    skipping any key another layer of the net is named. ``layer.param.name`` keeps the
+    prototxt's name; ``.caffemodel`` files are written with it. Lookups by name follow Caffe:
+    ``copy_from`` fills the first layer of a name, ``shared_layer_keys`` maps a test net's
+    layers to the train net's as ``ShareTrainedLayersWith`` does.
+
+    Anonymous tops: a loss layer given no top gets one, as Caffe's ``AutoTopBlobs``; its
+    internal blob name is ``(automatic):<layer key>:<index>`` and ``blob_display_name`` shows it
+    as Caffe does, ``(automatic)``. It adds to the loss but is no net output.
+    """
 
     def __init__(self, net_param: caffe_pb2.NetParameter | str | os.PathLike,
                  phase: str | int = "TRAIN", level: int = 0, stages: Sequence[str] = (),
@@ -121,49 +134,141 @@ class Net:
         self.loss_weights: list[list[float]] = []
         self.params_info: list[ParamInfo] = []  # learnable (owned) params, Caffe's order
         self._blob_source: dict[str, list[tuple[str, int]]] = {}
+        self._inline_blobs: dict[str, list[np.ndarray]] = {}
+        self._has_mult: list[list[bool]] = []  # per params_info entry: lr_mult, decay_mult given
+        self.force_backward = bool(self.net_param.force_backward)
+        self._stopped_bottoms: dict[str, frozenset[int]] = {}
+        # Layers whose LayerParameter.phase differs from the net's: their fixed train flag.
+        self._layer_train: dict[str, bool] = {}
+        if self.net_param.debug_info:
+            _log.warning("%s: debug_info: true is not implemented (Caffe logs every layer's data "
+                         "and gradient norms per pass); the net runs without it", self.source)
         param_names: dict[str, tuple[str, int, Shape]] = {}
-        names_seen: set[str] = set()
+        keys = _layer_keys([lp.name for lp in self.net_param.layer])
 
-        for lp in self.net_param.layer:
-            if lp.name in names_seen:
-                raise NetError(f"layer '{lp.name}': duplicate layer name")
-            names_seen.add(lp.name)
+        for lp, key in zip(self.net_param.layer, keys):
             for b in lp.bottom:
                 if b not in shapes:
-                    known = ", ".join(shapes) or "none"
+                    known = ", ".join(self.blob_display_name(s) for s in shapes
+                                      if not _is_automatic(s)) or "none"
                     raise NetError(f"layer '{lp.name}' (type {lp.type}): unknown bottom blob "
                                    f"'{b}' (no earlier layer produces it; available: {known})")
-            cls = layer_class(lp)
+            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
+                raise NetError(f"layer '{lp.name}' (type {lp.type}): propagate_down must be "
+                               f"given 0 or {len(lp.bottom)} times (once per bottom), got "
+                               f"{len(lp.propagate_down)}")
+            cls = _layer_class(lp, self.source)
             self._info("Creating Layer %s", lp.name)
             for b in lp.bottom:
                 self._info("%s <- %s", lp.name, b)
-            layer = cls(lp, [shapes[b] for b in lp.bottom], self.phase, config=self.config,
+            build_lp = _with_automatic_tops(lp, cls, key)
+            # A layer's own ``phase`` wins over the net's (Caffe: inherited only when unset).
+            phase = lp.phase if lp.HasField("phase") else self.phase
+            if phase != self.phase:
+                self._layer_train[key] = phase == caffe_pb2.TRAIN
+            layer = cls(build_lp, [shapes[b] for b in lp.bottom], phase, config=self.config,
                         net_source=self.source)
-            for t, s in zip(lp.top, layer.top_shapes):
-                self._info("%s -> %s", lp.name, t)
+            # The layer keeps the prototxt's LayerParameter (an anonymous top is not part of
+            # it, as in Caffe) and the net-unique name that keys its params.
+            layer.param = lp
+            layer.name = key
+            for i, (t, s) in enumerate(zip(layer.top_names, layer.top_shapes)):
+                in_place = i < len(lp.bottom) and lp.bottom[i] == t
+                if t in shapes and not in_place:
+                    raise NetError(f"layer '{lp.name}' (type {lp.type}): top blob '{t}' is "
+                                   f"produced by multiple sources (an earlier layer already "
+                                   f"produces it; only an in-place top may reuse a bottom)")
+                self._info("%s -> %s%s", lp.name, self.blob_display_name(t),
+                           " (in-place)" if in_place else "")
                 shapes[t] = s
             for s in layer.top_shapes:
                 self._info("Top shape: %s", _shape_str(s))
             self.layers.append(layer)
             self.loss_weights.append(self._loss_weights(lp, layer))
-            for t, w in zip(lp.top, self.loss_weights[-1]):
+            for t, w in zip(layer.top_names, self.loss_weights[-1]):
                 if w:
                     self._info("    with loss weight %g", w)
-            self._blob_source[lp.name] = self._resolve_params(lp, layer, param_names)
+            self._blob_source[key] = self._resolve_params(lp, layer, param_names)
+            if len(lp.blobs):
+                self._inline_blobs[key] = _inline_blobs(lp, layer, self.source)
+            self._stopped_bottoms[key] = self._stops(lp, layer)
 
         self.blob_shapes = shapes
         # Caffe's net outputs: blobs no later layer consumes (an in-place top re-produces its
-        # bottom). Caffe keeps them in a std::set, so they come out sorted by name.
+        # bottom). Caffe keeps them in a std::set, so they come out sorted by name. Anonymous
+        # tops (loss layers given no top) are never outputs: Caffe appends them without making
+        # them available.
         available: set[str] = set()
         for lp in self.net_param.layer:
             available.difference_update(lp.bottom)
             available.update(lp.top)
         self.output_names = sorted(available)
         self.data_layers = [l for l in self.layers if l.is_data]
+        if self.force_backward:
+            self._info("force_backward: gradients reach every parameter (lr_mult 0 included) "
+                       "and every bottom Caffe allows, propagate_down: false notwithstanding")
+        # Params whose gradient Caffe never computes (lr_mult 0): ``apply(frozen=True)``
+        # stops theirs. force_backward makes Caffe compute all of them.
+        self._frozen_params = (frozenset() if self.force_backward else
+                               frozenset((p.layer, p.index) for p in self.params_info
+                                         if p.lr_mult == 0))
+        del self._has_mult
         self._info("Network initialization done.")
 
+    def _stops(self, lp, layer: Layer) -> frozenset[int]:
+        """Bottom indices whose gradient is stopped: Caffe's ``propagate_down: false``, which
+        ``force_backward`` overrides wherever the layer's ``AllowForceBackward`` holds."""
+        stopped = {k for k, flag in enumerate(lp.propagate_down) if not flag}
+        if self.force_backward:
+            stopped &= _no_force_backward(layer)
+        return frozenset(stopped)
+
+    def blob_display_name(self, name: str) -> str:
+        """The name Caffe shows for a blob: ``(automatic)`` for an anonymous top (a loss layer
+        given no top), the blob's own name otherwise."""
+        return AUTOMATIC if _is_automatic(name) else name
+
+    def layer_keys_by_name(self) -> dict[str, list[str]]:
+        """Prototxt layer name → the params keys of the layers of that name, in file order."""
+        out: dict[str, list[str]] = {}
+        for layer in self.layers:
+            out.setdefault(layer.param.name, []).append(layer.name)
+        return out
+
+    def shared_layer_keys(self, source: "Net") -> dict[str, str]:
+        """Caffe's ``ShareTrainedLayersWith(source)``: params key here → params key in
+        ``source`` whose blobs this net uses.
+
+        Caffe walks the source's layers in order and shares each into the *first* layer here
+        of the same name, so a later source layer of a repeated name wins and later layers
+        here of a repeated name keep their own blobs. Layers without blobs are skipped; a
+        blob count or shape mismatch is a NetError naming the layer.
+        """
+        firsts = {}
+        for layer in self.layers:
+            firsts.setdefault(layer.param.name, layer)
+        out: dict[str, str] = {}
+        for src in source.layers:
+            target = firsts.get(src.param.name)
+            if target is None:
+                continue
+            if len(target.blob_shapes) != len(src.blob_shapes):
+                raise NetError(f"layer '{src.param.name}': {len(src.blob_shapes)} blob(s) in "
+                               f"the source net but {len(target.blob_shapes)} here; Caffe "
+                               f"shares weights by layer name")
+            if not src.blob_shapes:
+                continue
+            for j, (a, b) in enumerate(zip(src.blob_shapes, target.blob_shapes)):
+                if tuple(a) != tuple(b):
+                    raise NetError(f"layer '{src.param.name}' blob {j}: shape {list(a)} in the "
+                                   f"source net but {list(b)} here; Caffe shares weights by "
+                                   f"layer name (rename the layer to keep its own)")
+            out[target.name] = src.name
+        return out
+
     def _loss_weights(self, lp, layer: Layer) -> list[float]:
-        n = len(lp.top)
+        # Counts the anonymous tops too (Caffe's SetLossWeights checks against top.size()).
+        n = len(layer.top_names)
         if len(lp.loss_weight):
             if len(lp.loss_weight) != n:
                 raise NetError(f"layer '{lp.name}': loss_weight must be given once per top "
@@ -175,6 +280,7 @@ class Net:
         if len(lp.param) > len(layer.blob_shapes):
             raise NetError(f"layer '{lp.name}': {len(lp.param)} param specs given but the layer "
                            f"has {len(layer.blob_shapes)} parameter blob(s)")
+        key = layer.name
         sources = []
         for j, shape in enumerate(layer.blob_shapes):
             spec = lp.param[j] if j < len(lp.param) else caffe_pb2.ParamSpec()
@@ -184,18 +290,41 @@ class Net:
                 if (strict and oshape != shape) or int(np.prod(oshape)) != int(np.prod(shape)):
                     raise NetError(f"layer '{lp.name}': shared param '{spec.name}' has shape "
                                    f"{list(shape)} here but {list(oshape)} in layer '{owner}'")
+                self._share_mults(lp, spec, owner, idx)
                 sources.append((owner, idx))
                 continue
             if spec.name:
-                param_names[spec.name] = (lp.name, j, shape)
-            sources.append((lp.name, j))
+                param_names[spec.name] = (key, j, shape)
+            sources.append((key, j))
             lr_mult, decay_mult = float(spec.lr_mult), float(spec.decay_mult)
             if layer.stateful:
                 # Blobs the forward pass updates (BatchNorm's statistics) are never learned:
                 # Caffe's BatchNormLayer forces their lr_mult/decay_mult to 0.
                 lr_mult = decay_mult = 0.0
-            self.params_info.append(ParamInfo(lp.name, j, shape, lr_mult, decay_mult, spec.name))
+            self.params_info.append(ParamInfo(key, j, shape, lr_mult, decay_mult, spec.name))
+            self._has_mult.append([spec.HasField("lr_mult") or layer.stateful,
+                                   spec.HasField("decay_mult") or layer.stateful])
         return sources
+
+    def _share_mults(self, lp, spec, owner: str, idx: int) -> None:
+        """Caffe's AppendParam for a sharing layer: an lr_mult/decay_mult it sets must equal
+        one the owner set; where the owner set none, the sharing layer's value applies to the
+        shared blob."""
+        k = next(i for i, p in enumerate(self.params_info) if (p.layer, p.index) == (owner, idx))
+        info, has = self.params_info[k], self._has_mult[k]
+        for field, slot in (("lr_mult", 0), ("decay_mult", 1)):
+            if not spec.HasField(field):
+                continue
+            value, current = float(getattr(spec, field)), float(getattr(info, field))
+            if has[slot]:
+                if value != current:
+                    raise NetError(f"layer '{lp.name}': shared param '{spec.name}' has "
+                                   f"{field} {value:g} here but {current:g} in its owner, layer "
+                                   f"'{owner}' (Caffe: mismatched {field})")
+            else:
+                has[slot] = True
+                info = dataclasses.replace(info, **{field: value})
+        self.params_info[k] = info
 
     # -- the pure API -----------------------------------------------------------------------
     def init(self, key: jax.Array) -> dict[str, list[jax.Array | None]]:
@@ -210,6 +339,9 @@ class Net:
             if not layer.blob_shapes:
                 continue
             blobs = layer.init(jax.random.fold_in(key, i))
+            if layer.name in self._inline_blobs:
+                # Caffe's Layer constructor: blobs given in the LayerParameter replace fillers.
+                blobs = [jnp.asarray(b, jnp.float32) for b in self._inline_blobs[layer.name]]
             owned = self._blob_source[layer.name]
             params[layer.name] = [b if src == (layer.name, j) else None
                                   for j, (b, src) in enumerate(zip(blobs, owned))]
@@ -240,11 +372,10 @@ class Net:
         # including the returned dict, stays Caffe's NCHW.
         nhwc: set[str] = set()
         new_params = dict(params) if mutable else None
-        frozen_set = ({(p.layer, p.index) for p in self.params_info if p.lr_mult == 0}
-                      if frozen else set())
+        frozen_set = self._frozen_params if frozen else frozenset()
         for i, layer in enumerate(self.layers):
             lkey = jax.random.fold_in(key, i) if (key is not None and layer.needs_key) else None
-            ctx = Context(train=train, key=lkey)
+            ctx = Context(train=self._layer_train.get(layer.name, train), key=lkey)
             channels_last = False
             if layer.is_data:
                 try:
@@ -262,9 +393,9 @@ class Net:
                     bottoms = [blobs[b] for b in names]
                 else:
                     bottoms = [_to_nchw(blobs[b]) if b in nhwc else blobs[b] for b in names]
-                pd = layer.param.propagate_down
-                if len(pd):
-                    bottoms = [b if pd[k] else jax.lax.stop_gradient(b)
+                stopped = self._stopped_bottoms[layer.name]
+                if stopped:
+                    bottoms = [jax.lax.stop_gradient(b) if k in stopped else b
                                for k, b in enumerate(bottoms)]
             lblobs = self._layer_blobs(params, layer)
             if frozen_set:
@@ -346,13 +477,18 @@ class Net:
         error naming the layer, the blob and both shapes.
         """
         new = {k: list(v) for k, v in params.items()}
-        by_name = {l.name: l for l in self.layers}
+        # Caffe copies into the first layer of the name (a repeated name's later layers keep
+        # their own blobs).
+        by_name: dict[str, Layer] = {}
+        for l in self.layers:
+            by_name.setdefault(l.param.name, l)
         for name, blobs in source.items():
             layer = by_name.get(name)
             if layer is None:
                 self._info("Ignoring source layer %s", name)
                 continue
-            owned = [src == (name, j) for j, src in enumerate(self._blob_source[name])]
+            key = layer.name
+            owned = [src == (key, j) for j, src in enumerate(self._blob_source[key])]
             # HDF5 models store a shared blob only with its owner: those may be absent here.
             short_ok = len(blobs) < len(owned) and not any(owned[len(blobs):])
             if len(blobs) != len(layer.blob_shapes) and not short_ok:
@@ -370,7 +506,7 @@ class Net:
                         raise ModelError(f"{filename}: layer '{name}' blob {j}: shape "
                                          f"{list(arr.shape)} does not match the net's "
                                          f"{list(shape)}")
-                owner, idx = self._blob_source[name][j]
+                owner, idx = self._blob_source[key][j]
                 new[owner][idx] = jnp.asarray(arr, jnp.float32)
         return new
 
@@ -390,3 +526,98 @@ def _legacy_equal(found, expected) -> bool:
     """Caffe's legacy 4-d blobs (num, channels, height, width) pad the real shape with 1s."""
     strip = lambda s: tuple(s)[next((i for i, d in enumerate(s) if d != 1), len(s)):]
     return len(found) == 4 and strip(found) == strip(expected)
+
+
+AUTOMATIC = "(automatic)"
+_AUTOMATIC_PREFIX = "(automatic):"
+
+
+def _is_automatic(blob_name: str) -> bool:
+    return blob_name.startswith(_AUTOMATIC_PREFIX)
+
+
+def _layer_class(lp, source: str):
+    """The layer class, or a NetError saying whether the type is a fork's or BVLC Caffe's."""
+    from jcaffe.layers.base import known_types
+    from jcaffe.layers.catalog import BVLC_LAYER_TYPES, fork_note
+
+    known = known_types()
+    if lp.type in known:
+        return layer_class(lp)
+    where = f"{source}: layer '{lp.name}'"
+    if lp.type in BVLC_LAYER_TYPES:
+        why = "a BVLC Caffe layer type jcaffe does not implement"
+    else:
+        why = f"it {fork_note(lp.type)}"
+    raise NetError(f"{where}: unknown layer type '{lp.type}': {why}. Known types: "
+                   f"{', '.join(known)}")
+
+
+def _layer_keys(names: Sequence[str]) -> list[str]:
+    """Net-unique params keys: a layer's own name, or for a later layer of a repeated name
+    ``name#2``, ``name#3``, ... (the occurrence number, skipping any key another layer is
+    named)."""
+    taken = set(names)
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        n = seen.get(name, 0) + 1
+        seen[name] = n
+        if n == 1:
+            keys.append(name)
+            continue
+        while f"{name}#{n}" in taken:
+            n += 1
+        key = f"{name}#{n}"
+        taken.add(key)
+        keys.append(key)
+    return keys
+
+
+def _with_automatic_tops(lp, cls, key: str):
+    """Caffe's ``AutoTopBlobs``: a loss layer given fewer tops than it needs gets anonymous
+    ones (``Net::AppendTop`` names them ``(automatic)``). Internally each gets a unique name,
+    ``(automatic):<layer key>:<top index>``; no other layer can read it."""
+    if not cls.is_loss:
+        return lp
+    needed = max(cls.exact_tops or 0, cls.min_tops or 0)
+    if len(lp.top) >= needed:
+        return lp
+    out = caffe_pb2.LayerParameter()
+    out.CopyFrom(lp)
+    out.top.extend(f"{_AUTOMATIC_PREFIX}{key}:{i}" for i in range(len(lp.top), needed))
+    return out
+
+
+# AllowForceBackward: loss layers refuse gradients into their label bottom (index 1), except
+# EuclideanLoss (both bottoms are data) and ContrastiveLoss (the similarity, index 2).
+_FORCE_BACKWARD_REFUSED = {"EuclideanLoss": frozenset(), "ContrastiveLoss": frozenset({2}),
+                           "LSTM": frozenset({1}), "RNN": frozenset({1})}
+
+
+def _no_force_backward(layer: Layer) -> frozenset[int]:
+    if layer.type in _FORCE_BACKWARD_REFUSED:
+        return _FORCE_BACKWARD_REFUSED[layer.type]
+    return frozenset({1}) if layer.is_loss else frozenset()
+
+
+def _inline_blobs(lp, layer: Layer, source: str) -> list[np.ndarray]:
+    """The blobs a LayerParameter carries (Caffe initialises the layer from them instead of
+    its fillers), checked against the layer's blob count and shapes."""
+    from jcaffe.caffemodel import blob_to_array
+
+    where = f"{source}: layer '{lp.name}' (type {lp.type})"
+    if len(lp.blobs) != len(layer.blob_shapes):
+        raise NetError(f"{where}: {len(lp.blobs)} inline blob(s) given but the layer has "
+                       f"{len(layer.blob_shapes)} parameter blob(s) "
+                       f"{[list(s) for s in layer.blob_shapes]}")
+    out = []
+    for j, (blob, shape) in enumerate(zip(lp.blobs, layer.blob_shapes)):
+        arr = blob_to_array(blob, f"{where} inline blob {j}")
+        if tuple(arr.shape) != tuple(shape):
+            if not _legacy_equal(arr.shape, shape):
+                raise NetError(f"{where}: inline blob {j} has shape {list(arr.shape)} but the "
+                               f"layer expects {list(shape)}")
+            arr = arr.reshape(shape)
+        out.append(arr)
+    return out

@@ -166,11 +166,60 @@ def _scan_braces(text: str) -> tuple[int, int] | None:
     return stack[-1] if stack else None
 
 
+def _enclosing_layer(text: str, lines: list[str], line: int, col: int) -> tuple[str, str]:
+    """(name, type) given so far in the innermost message open at ``line:col`` (the layer
+    holding an unknown field), read from its own fields only, not nested messages'."""
+    if not 1 <= line <= len(lines):
+        return "", ""
+    offset = sum(len(l) + 1 for l in lines[:line - 1]) + max(col - 1, 0)
+    prefix = text[:offset]
+    opened = _scan_braces(prefix)
+    if opened is None:
+        return "", ""
+    start = sum(len(l) + 1 for l in lines[:opened[0] - 1]) + opened[1]
+    depth, own = 0, []
+    for c in prefix[start:]:
+        if c in "{<":
+            depth += 1
+        elif c in "}>":
+            depth -= 1
+        elif depth == 0:
+            own.append(c)
+    own_text = "".join(own)
+    found = {}
+    for key in ("name", "type"):
+        m = re.search(rf"\b{key}\s*:\s*(?:\"([^\"]*)\"|'([^']*)'|([A-Za-z_0-9]+))", own_text)
+        found[key] = next((g for g in m.groups() if g is not None), "") if m else ""
+    return found["name"], found["type"]
+
+
+def _fork_message(field: str, lines: list[str], line: int, col: int, text: str) -> str | None:
+    """The one-line message for a layer field a Caffe fork adds, or None for a plain typo."""
+    from jcaffe.layers.catalog import fork_note
+
+    name, layer_type = _enclosing_layer(text, lines, line, col)
+    note = fork_note(layer_type, field)
+    if note is None:
+        return None
+    where = f"layer '{name}'" if name else "a layer"
+    if layer_type:
+        where += f" (type {layer_type})"
+    subject = f"field '{field}'"
+    if layer_type and not fork_note(field=field) and fork_note(layer_type):
+        subject = f"field '{field}' and its layer type"
+    return (f"{where}: {subject} {note}; jcaffe reads BVLC Caffe's caffe.proto "
+            f"(remove or replace the layer)")
+
+
 def _rephrase(body: str, lines: list[str], line: int, col: int, text: str) -> str:
     """Protobuf's parse error text, restated to name the field and say what is wrong."""
     m = _NO_FIELD.match(body)
     if m:
         type_name, field = _short_type(m.group(1)), m.group(2)
+        if type_name in ("LayerParameter", "V1LayerParameter"):
+            fork = _fork_message(field, lines, line, col, text)
+            if fork:
+                return fork
         msg = f"unknown field '{field}' in {type_name}"
         try:
             desc = caffe_pb2.DESCRIPTOR.pool.FindMessageTypeByName(m.group(1))

@@ -636,3 +636,67 @@ def test_jit_matches_eager_and_keeps_float32(text, shapes, nblobs):
     for e, j, s in zip(eager, jitted, layer.top_shapes):
         assert e.dtype == j.dtype == jnp.float32 and e.shape == s
         np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-6)
+
+
+# -- Parameter, BatchReindex, Filter ----------------------------------------------------------
+def test_parameter_layer_exposes_its_blob():
+    layer = make_layer('type: "Parameter" parameter_param { shape { dim: 2 dim: 3 } }', [],
+                       bottoms=[])
+    assert layer.blob_shapes == [(2, 3)] and layer.top_shapes == [(2, 3)]
+    init = layer.init(jax.random.key(0))
+    np.testing.assert_array_equal(init[0], np.zeros((2, 3)))  # a fresh Caffe Blob is zero
+    w = rand(2, 3)
+    np.testing.assert_array_equal(run(layer, [w], [])[0], w)
+    check_gradient(layer, [w], [])
+
+
+def test_parameter_layer_learns_in_a_net():
+    from jcaffe.net import Net
+
+    net = Net(text_format.Parse("""
+        layer { name: "p" type: "Parameter" top: "w" parameter_param { shape { dim: 3 } } }
+        layer { name: "in" type: "Input" top: "t" input_param { shape { dim: 3 } } }
+        layer { name: "loss" type: "EuclideanLoss" bottom: "w" bottom: "t" top: "loss" }
+        """, caffe_pb2.NetParameter()), "TRAIN", verbose=False)
+    params = net.init(jax.random.key(0))
+    t = np.array([1.0, -2.0, 0.5], np.float32)
+    g = jax.grad(lambda p: net.loss(p, {"t": t})[0])(params)
+    # EuclideanLoss = sum((w - t)^2) / (2 N) with N = 3 (the first axis): d/dw = (w - t) / 3.
+    np.testing.assert_allclose(g["p"][0], (0 - t) / 3, rtol=1e-6)
+
+
+def np_batch_reindex(x, index):
+    return np.stack([x[int(i)] for i in index])
+
+
+def test_batch_reindex_gathers_and_scatter_adds():
+    x = rand(4, 2, 3)
+    index = np.array([3.0, 0.0, 3.0, 1.7, 2.0])  # 1.7 truncates to 1, as static_cast<int>
+    layer = make_layer('type: "BatchReindex"', [x.shape, index.shape])
+    assert layer.top_shapes == [(5, 2, 3)]
+    np.testing.assert_array_equal(run(layer, [], [x, index])[0], np_batch_reindex(x, index))
+    check_gradient(layer, [], [x, index], check_bottoms=[0])
+    # Hand-computed scatter-add: item 3 is picked twice, item 2 once, item 1 once, 0 once.
+    with jax.enable_x64(True):
+        g = jax.grad(lambda a: jnp.sum(layer.apply([], [a, jnp.asarray(index)],
+                                                   Context(train=True))[0]))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(g)[:, 0, 0], [1, 1, 1, 2])
+
+
+def test_batch_reindex_out_of_range_is_nan():
+    x = rand(3, 2)
+    layer = make_layer('type: "BatchReindex"', [x.shape, (2,)])
+    top = run(layer, [], [x, np.array([1.0, 3.0])])[0]
+    np.testing.assert_array_equal(top[0], x[1])
+    assert np.all(np.isnan(top[1]))
+
+
+def test_batch_reindex_bad_input():
+    bad('type: "BatchReindex"', [(4, 2), (2, 1)], "the index bottom must have 1 axis")
+
+
+def test_filter_is_rejected_with_the_reason():
+    msg = bad('type: "Filter"', [(4, 3), (4, 1)], "not supported: its output batch size is the "
+              "number of nonzero selectors")
+    assert "ignore_label" in msg
+    bad('type: "Filter" top: "a" top: "b"', [(4, 3), (4, 1)], "needs one top per data bottom")

@@ -629,3 +629,67 @@ def test_readers_do_not_import_the_layers():
 
     graph = import_graph(ROOT)
     assert not [m for m in graph["jcaffe.data.readers"] if m.startswith("jcaffe.layers")]
+
+
+# -- HDF5Output -------------------------------------------------------------------------------
+def _hdf5_output_net(path, data_shape=(3, 2, 2), label_shape=(3,)):
+    from google.protobuf import text_format
+
+    from jcaffe.net import Net
+
+    def dims(s):
+        return " ".join(f"dim: {d}" for d in s)
+
+    return Net(text_format.Parse(f"""
+        layer {{ name: "in" type: "Input" top: "x" top: "y" top: "t"
+                input_param {{ shape {{ {dims(data_shape)} }} shape {{ {dims(label_shape)} }}
+                              shape {{ dim: 3 dim: 2 }} }} }}
+        layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "z"
+                inner_product_param {{ num_output: 2 weight_filler {{ type: "gaussian" }} }} }}
+        layer {{ name: "out" type: "HDF5Output" bottom: "z" bottom: "y"
+                hdf5_output_param {{ file_name: "{path}" }} }}
+        layer {{ name: "loss" type: "EuclideanLoss" bottom: "z" bottom: "t" top: "loss" }}
+        """, caffe_pb2.NetParameter()), "TRAIN", verbose=False)
+
+
+def test_hdf5_output_writes_data_and_label_from_the_step(tmp_path):
+    path = tmp_path / "out.h5"
+    net = _hdf5_output_net(path)
+    params = net.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    step = jax.jit(jax.grad(lambda p, b: net.loss(p, b)[0]))
+    for i in range(2):
+        x = rng.standard_normal((3, 2, 2)).astype(np.float32)
+        y = np.array([0.0, 1.0, 2.0 + i], np.float32)
+        grads = step(params, {"x": x, "y": y, "t": np.zeros((3, 2), np.float32)})
+        jax.block_until_ready(grads)
+        w = np.asarray(params["ip"][0], np.float64)
+        z = x.reshape(3, 4) @ w.T + np.asarray(params["ip"][1], np.float64)
+        with h5py.File(path, "r") as f:
+            assert sorted(f) == ["data", "label"]
+            # Caffe's legacy 4-axis (num, channels, height, width) shapes, float32.
+            assert f["data"].shape == (3, 2, 1, 1) and f["data"].dtype == np.float32
+            assert f["label"].shape == (3, 1, 1, 1)
+            np.testing.assert_allclose(f["data"][:, :, 0, 0], z, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(f["label"][:, 0, 0, 0], y)  # the latest batch
+    assert os.listdir(tmp_path) == ["out.h5"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("file_name,shapes,match", [
+    ("", None, "file_name is required"),
+    ("/no/such/folder/out.h5", None, "folder '/no/such/folder' does not exist"),
+    ("out.h5", ((3, 2), (4,)), "same batch size"),
+    ("out.h5", ((3, 2, 1, 1, 1), (3,)), "data bottom has 5 axes"),
+])
+def test_hdf5_output_bad_input(tmp_path, monkeypatch, file_name, shapes, match):
+    monkeypatch.chdir(tmp_path)
+    shapes = shapes or ((3, 2), (3,))
+    from google.protobuf import text_format
+
+    from jcaffe.layers.base import layer_class
+
+    lp = text_format.Parse(f'name: "out" type: "HDF5Output" bottom: "a" bottom: "b" '
+                           f'hdf5_output_param {{ file_name: "{file_name}" }}',
+                           caffe_pb2.LayerParameter())
+    with pytest.raises(LayerError, match="layer 'out' \\(type HDF5Output\\): .*" + match):
+        layer_class(lp)(lp, list(shapes))

@@ -77,7 +77,8 @@ def known_types() -> list[str]:
     return sorted(set(REGISTRY) | {ep.name for ep in entry_points(group="jcaffe.layers")})
 
 
-_FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data", "recurrent", "python")
+_FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data", "recurrent", "spatial",
+             "python")
 
 
 def _load_families() -> None:

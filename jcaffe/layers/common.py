@@ -611,3 +611,73 @@ class DummyDataLayer(Layer):
             k = None if f.type == "constant" else jax.random.fold_in(key, i)
             tops.append(fill(f, s, k, jnp.float32, self._where(i)))
         return tops
+
+
+@register("Parameter")
+class ParameterLayer(Layer):
+    """Caffe's ParameterLayer: one learnable blob of ``parameter_param.shape``, exposed as the
+    top (``top = blobs[0]``, so the top's gradient is the blob's). No filler: the blob starts
+    at zero, as a fresh Caffe Blob, unless inline ``blobs`` or a ``.caffemodel`` provide it."""
+
+    exact_bottoms = 0
+    exact_tops = 1
+
+    def setup(self, bottom_shapes):
+        self.blob_shapes = [_shape_of(self, self.param.parameter_param.shape,
+                                      "parameter_param.shape")]
+        return list(self.blob_shapes)
+
+    def apply(self, blobs, bottoms, ctx):
+        return [blobs[0]]
+
+
+@register("BatchReindex")
+class BatchReindexLayer(Layer):
+    """Caffe's BatchReindexLayer: ``top[i] = data[int(index[i])]`` along the first axis, for a
+    1-axis index bottom (float values truncated toward zero, as ``static_cast<int>``); the top
+    has ``len(index)`` items. The gradient into ``data`` is the scatter-add of the top's
+    gradient (an item picked twice gets both); none flows into the index.
+
+    Caffe CHECK-fails on an index outside ``[0, N)`` at run time; inside a compiled step
+    jcaffe cannot stop, so such an item's top row is NaN (and gets no gradient)."""
+
+    exact_bottoms = 2
+    exact_tops = 1
+
+    def setup(self, bottom_shapes):
+        data, index = bottom_shapes
+        if len(index) != 1:
+            raise self.shape_error(f"the index bottom must have 1 axis, got {len(index)}")
+        if len(data) < 1:
+            raise self.shape_error("the data bottom needs at least one axis")
+        return [(index[0],) + tuple(data[1:])]
+
+    def apply(self, blobs, bottoms, ctx):
+        x, index = bottoms
+        idx = lax.stop_gradient(index).astype(jnp.int32)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(jnp.float32)
+        return [jnp.take(x, idx, axis=0, mode="fill", fill_value=jnp.nan)]
+
+
+@register("Filter")
+class FilterLayer(Layer):
+    """Caffe's FilterLayer (``top[k]`` = the items of ``bottom[k]`` whose selector, the last
+    bottom, is nonzero) is not supported: its tops' batch size is the number of nonzero
+    selectors in each batch, and Caffe reshapes the rest of the net on every forward pass. A
+    compiled jcaffe step has static shapes, so no count fixed when the net is built can be
+    right for every batch. The net is rejected when it is built, with the alternatives that
+    keep shapes static."""
+
+    min_bottoms = 2
+    min_tops = 1
+
+    def setup(self, bottom_shapes):
+        if len(self.top_names) != len(bottom_shapes) - 1:
+            raise self.error(f"needs one top per data bottom ({len(bottom_shapes) - 1}), got "
+                             f"{len(self.top_names)}")
+        raise self.error(
+            "not supported: its output batch size is the number of nonzero selectors in each "
+            "batch (data-dependent), and a compiled jcaffe step needs static shapes; to leave "
+            "items out of a loss, give their labels the loss's ignore_label, or multiply by the "
+            "selector (Eltwise PROD) instead")

@@ -16,6 +16,7 @@ A data layer has two halves.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -391,3 +392,68 @@ class WindowDataLayer(DataLayerBase):
 __all__ = ["Reader", "BatchReader", "DataLayerBase", "DataLayer", "ImageDataLayer",
            "HDF5DataLayer", "MemoryDataLayer", "WindowDataLayer", "read_image_list",
            "read_hdf5_list"]
+
+
+# ---------------------------------------------------------------------------------------------
+# HDF5Output
+# ---------------------------------------------------------------------------------------------
+
+@register("HDF5Output")
+class HDF5OutputLayer(Layer):
+    """Caffe's HDF5OutputLayer: each forward pass writes its two bottoms to the HDF5 file
+    ``hdf5_output_param.file_name`` (relative to the working directory, as in Caffe) as
+    float32 datasets ``data`` and ``label``, in Caffe's legacy 4-axis shape
+    ``(num, channels, height, width)`` (missing trailing axes are 1; more than 4 axes is an
+    error, as Caffe's ``LegacyShape``). No tops; no gradient flows back.
+
+    The write is a host callback inside the compiled step (``jax.experimental.io_callback``,
+    ordered, so writes happen in forward-pass order); the file is replaced atomically, so a
+    reader never sees a half-written file. Differences from Caffe: the file is created at the
+    first forward pass rather than when the net is built, and every pass rewrites it with
+    the latest batch (Caffe creates the datasets once and fails on a second pass). Not usable
+    under ``jax.vmap`` (ordered callbacks cannot be batched).
+    """
+
+    exact_bottoms = 2
+    exact_tops = 0
+
+    def setup(self, bottom_shapes):
+        p = self.param.hdf5_output_param
+        if not p.file_name:
+            raise self.error("hdf5_output_param.file_name is required")
+        self.file_name = p.file_name
+        folder = os.path.dirname(os.path.abspath(self.file_name))
+        if os.path.isdir(self.file_name):
+            raise self.error(f"hdf5_output_param.file_name '{self.file_name}' is a directory")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise self.error(f"cannot write hdf5_output_param.file_name '{self.file_name}': "
+                             f"folder '{folder}' does not exist or is not writable")
+        data, label = bottom_shapes
+        if not data or not label or data[0] != label[0]:
+            raise self.shape_error("data and label must have the same batch size (first axis)")
+        self.legacy_shapes = []
+        for which, shape in (("data", data), ("label", label)):
+            if len(shape) > 4:
+                raise self.shape_error(f"the {which} bottom has {len(shape)} axes; Caffe's "
+                                       f"HDF5Output stores (num, channels, height, width)")
+            self.legacy_shapes.append(tuple(shape) + (1,) * (4 - len(shape)))
+        return []
+
+    def _write(self, data, label) -> None:
+        from jcaffe.caffemodel import _atomic_target, _h5py
+
+        h5py = _h5py()
+        with _atomic_target(self.file_name) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("data", data=np.asarray(data, np.float32))
+                f.create_dataset("label", data=np.asarray(label, np.float32))
+        _log.info("Successfully saved %d rows", int(np.shape(data)[0]))
+
+    def apply(self, blobs, bottoms, ctx):
+        from jax import lax
+        from jax.experimental import io_callback
+
+        data, label = (lax.stop_gradient(b).reshape(s)
+                       for b, s in zip(bottoms, self.legacy_shapes))
+        io_callback(self._write, None, data, label, ordered=True)
+        return []
