@@ -188,10 +188,11 @@ def solver_nets(sp: caffe_pb2.SolverParameter):
              for i, (t, src) in enumerate(zip(tests, sources))])
 
 
-def _share(train_params, own_params):
-    """Caffe's ShareTrainedLayersWith: test layers take the train blobs of the same name."""
-    return {name: train_params[name] if name in train_params else blobs
-            for name, blobs in own_params.items()}
+def _share(train_params, own_params, mapping):
+    """Caffe's ShareTrainedLayersWith: test layers take the train blobs of the same name
+    (``mapping``: test params key -> train params key, ``Net.shared_layer_keys``)."""
+    return {k: train_params[mapping[k]] if k in mapping else blobs
+            for k, blobs in own_params.items()}
 
 
 def _int_seed(key: jax.Array) -> int:
@@ -273,7 +274,9 @@ class Trainer:
                            source=train_file)
             self.test_nets = [Net(p, state=st, config=self.config, verbose=verbose, source=f)
                               for p, st, f in tests]
-            self._check_test_sharing()
+            # Which train layer each test layer shares with (a NetError names a layer whose
+            # blob counts or shapes differ).
+            self._test_share = [tn.shared_layer_keys(self.net) for tn in self.test_nets]
             self.tx = solver_mod.build_solver(sp, self.net)
             weights = list(sp.weights) if weights is None else (
                 [w for w in weights.split(",") if w] if isinstance(weights, str) else list(weights))
@@ -368,18 +371,10 @@ class Trainer:
                               for tn, own in zip(self.test_nets, self._test_own)]
         return params
 
-    def _check_test_sharing(self) -> None:
-        train_shapes = {l.name: l.blob_shapes for l in self.net.layers}
-        for i, tn in enumerate(self.test_nets):
-            for l in tn.layers:
-                if l.name in train_shapes and l.blob_shapes and train_shapes[l.name] != l.blob_shapes:
-                    raise SolverError(
-                        f"test net #{i} layer '{l.name}': blob shapes {l.blob_shapes} differ from "
-                        f"the train net's {train_shapes[l.name]}; Caffe shares weights by layer name")
-
     def test_params(self, i: int, params=None):
         """The test net's params: the train net's blobs for layers of the same name."""
-        return _share(_root_copy(self.params if params is None else params), self._test_own[i])
+        return _share(_root_copy(self.params if params is None else params), self._test_own[i],
+                      self._test_share[i])
 
     # -- data --------------------------------------------------------------------------------
     def _setup_feeds(self):
@@ -481,10 +476,14 @@ class Trainer:
         tn = self.test_nets[i]
         feed = self._feeds[i]
         own = self._test_own[i]
+        share = self._test_share[i]
         compute_loss = bool(self.sp.test_compute_loss)
+        test_key = jax.random.fold_in(self._streams.test, 1_000_000 + i)
 
-        def scores(params, batch):
-            loss, (blobs, _) = tn.loss(params, batch, train=False, frozen=False)
+        def scores(params, batch, b):
+            # Random test-phase layers (DummyData fillers) draw from the test stream.
+            loss, (blobs, _) = tn.loss(params, batch, train=False, frozen=False,
+                                       key=jax.random.fold_in(test_key, b))
             out = {k: jnp.asarray(v, jnp.float32) for k, v in tn.outputs(blobs).items()}
             if compute_loss:
                 out = {**out, "(test loss)": loss.astype(jnp.float32)}
@@ -492,26 +491,29 @@ class Trainer:
 
         if feed.on_device:
             def run(train_params, arrays, b0, n):
-                params = _share(train_params, own)
+                params = _share(train_params, own, share)
 
                 def body(acc, j):
-                    s = scores(params, feed.batch_at(arrays, b0 + j))
+                    s = scores(params, feed.batch_at(arrays, b0 + j), b0 + j)
                     return jax.tree.map(jnp.add, acc, s), None
 
-                zero = jax.tree.map(jnp.zeros_like,
-                                    jax.eval_shape(scores, params, feed.batch_at(arrays, b0)))
+                zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                    scores, params, feed.batch_at(arrays, b0), b0))
                 return jax.lax.scan(body, zero, jnp.arange(n, dtype=jnp.int32))[0]
 
             fn = jax.jit(run, static_argnums=(3,))
         else:
-            fn = jax.jit(lambda train_params, batch: scores(_share(train_params, own), batch))
+            fn = jax.jit(lambda train_params, batch, b: scores(_share(train_params, own, share),
+                                                               batch, b))
         self._test_fns[i] = fn
         return fn
 
     def test(self, i: int = 0) -> dict[str, np.ndarray]:
         """Caffe's Solver::Test: the mean of each output of test net ``i`` over test_iter
         batches (not logged; ``test_all`` logs)."""
-        return self._test_means(i, self._dispatch_test(i))
+        means = self._test_means(i, self._dispatch_test(i))
+        means.pop("(test loss)", None)
+        return means
 
     def _dispatch_test(self, i: int):
         """Queues test net ``i``'s pass on the root device; returns the (unsynchronised)
@@ -531,7 +533,7 @@ class Trainer:
                 if feed.on_device:
                     s = self._call(fn, what, params, feed.arrays, jnp.int32(b0 + j), 1)
                 else:
-                    s = self._call(fn, what, params, feed.host_batch(b0 + j))
+                    s = self._call(fn, what, params, feed.host_batch(b0 + j), jnp.int32(b0 + j))
                 total = s if total is None else jax.tree.map(jnp.add, total, s)
             return total
 
@@ -559,7 +561,7 @@ class Trainer:
         k = 0
         for name in net.output_names:
             w = net.output_loss_weight(name)
-            shown = getattr(net, "output_display_name", lambda n: n)(name)
+            shown = net.blob_display_name(name)
             for v in np.ravel(values[name]):
                 if w:
                     _log.info("    %s net output #%d: %s = %.6g (* %g = %.6g loss)", kind, k,
