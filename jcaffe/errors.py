@@ -54,3 +54,13 @@ def read_bytes(path: str, error: type[JcaffeError], what: str = "") -> bytes:
         raise error(f"{path}: is a directory, expected a {kind}") from None
     except OSError as e:
         raise error(f"{path}: cannot read {kind}: {e.strerror or e}") from None
+
+
+def reworded(error: JcaffeError, message: str) -> JcaffeError:
+    """An error of the same kind as ``error`` (when its class takes one message) with a new
+    message, e.g. the original one with more context."""
+    cls = type(error)
+    try:
+        return cls(message)
+    except TypeError:  # a class with a structured constructor (LayerError)
+        return JcaffeError(message)

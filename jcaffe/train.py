@@ -42,7 +42,7 @@ import optax
 
 from jcaffe import log, parallel
 from jcaffe.config import Config
-from jcaffe.errors import SolverError
+from jcaffe.errors import JcaffeError, SolverError, reworded
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
 
@@ -588,14 +588,18 @@ class Trainer:
         os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
         params, opt_state = parallel.local_copy((self.params, self.opt_state))
         kind = "HDF5" if fmt == "hdf5" else "binary proto"
-        _log.info("Snapshotting to %s file %s", kind, model_path)
-        caffemodel.save_caffemodel(model_path, self.net, params, fmt=fmt)
-        _log.info("Snapshotting solver state to %s file %s", kind, state_path)
-        history = solver_mod.history_to_caffe(opt_state, self.params_order())
-        caffemodel.write_solverstate(state_path, iter=self._iter, learned_net=model_path,
-                                     history=history,
-                                     current_step=int(solver_mod.get_current_step(opt_state)),
-                                     fmt=fmt)
+        try:
+            _log.info("Snapshotting to %s file %s", kind, model_path)
+            caffemodel.save_caffemodel(model_path, self.net, params, fmt=fmt)
+            _log.info("Snapshotting solver state to %s file %s", kind, state_path)
+            history = solver_mod.history_to_caffe(opt_state, self.params_order())
+            caffemodel.write_solverstate(
+                state_path, iter=self._iter, learned_net=model_path, history=history,
+                current_step=int(solver_mod.get_current_step(opt_state)), fmt=fmt)
+        except JcaffeError as e:
+            # A full disk or a vanished folder: say which snapshot a resume can still use.
+            raise reworded(e, f"{e} (last good snapshot: {self.last_snapshot or 'none'})") \
+                from None
         self.last_snapshot = state_path
         return model_path, state_path
 
@@ -615,8 +619,12 @@ class Trainer:
             params = self.net.copy_from(params, caffemodel.load_caffemodel(model), filename=model)
         with jax.default_device(self.root_device):
             template = self.tx.init(params)
-            opt_state = solver_mod.history_from_caffe(template, st.history, self.params_order(),
-                                                      st.iter, st.current_step)
+            try:
+                opt_state = solver_mod.history_from_caffe(template, st.history,
+                                                          self.params_order(), st.iter,
+                                                          st.current_step)
+            except JcaffeError as e:
+                raise reworded(e, f"{state_path}: {e}") from None
             state = TrainState(params, opt_state, jnp.asarray(int(st.iter), jnp.int32),
                                self._step_key())
         self._set_state(state)

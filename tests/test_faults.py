@@ -384,9 +384,6 @@ def test_full_disk_during_a_snapshot(full_disk_run):
                                             "ip2": [(3, 32), (3,)]}) == [2]
 
 
-@pytest.mark.xfail(reason="jcaffe/train.py: a failed snapshot write raises the writer's "
-                          "ModelError as is; the message does not name the last good snapshot "
-                          "(Trainer.last_snapshot), as the divergence error does", strict=True)
 def test_full_disk_names_the_last_good_snapshot(full_disk_run):
     _, snap, _, proc = full_disk_run
     assert os.path.join(snap, "f_iter_2.solverstate") in _error_line(proc)
@@ -519,9 +516,6 @@ def test_solverstate_history_from_a_different_net(mixed_state_run):
     assert "layer 'ip1'" in line and "(48, 64)" in line and "(32, 64)" in line, line
 
 
-@pytest.mark.xfail(reason="jcaffe/train.py Trainer.restore passes the solverstate's history to "
-                          "solver.history_from_caffe, whose errors say 'solverstate:' without "
-                          "the file's path", strict=True)
 def test_solverstate_history_error_names_the_file(mixed_state_run):
     bad, proc = mixed_state_run
     assert bad in _error_line(proc)

@@ -198,12 +198,10 @@ def _token_after(name: str, before: bytes) -> int:
 @example(  # found: an empty batch (the deploy LeNet's Input `dim: 0`) into a Convolution
     which="lenet.prototxt", phase=1,
     operations=[("tok_set", _token_after("lenet.prototxt", b"shape: { dim: "), 0, 0)],
-).xfail(raises=ZeroDivisionError,
-        reason="jcaffe/layers/vision.py: the channels-last convolution cuts the batch into "
-               "pieces with n // chunks and divides by zero for an empty batch")
+)
 @example(  # found: the same through CIFAR-10 quick's Input (its first number set to 0), TRAIN
     which="cifar10_quick.prototxt", phase=0, operations=[("num_set", 0, 0, 0)],
-).xfail(raises=ZeroDivisionError, reason="jcaffe/layers/vision.py: as above")
+)
 @_settings(40)
 def test_fuzz_prototxt_to_forward(which, phase, operations, tiny_db):
     _count("prototxt")
@@ -213,11 +211,7 @@ def test_fuzz_prototxt_to_forward(which, phase, operations, tiny_db):
         _check(_build_and_run, text, which, *_PHASES[phase], kind="prototxt")
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(
-        reason="jcaffe/net.py rejects duplicate layer names ('loss' twice in TRAIN), which "
-               "Caffe accepts (its mnist_autoencoder.prototxt has two layers named 'loss')",
-        strict=True)) if "autoencoder" in n else n for n in SHIPPED])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_prototxts_build_unmutated(name, tiny_db):
     """The seeds themselves build and trace (so mutations start from working inputs)."""
     for phase in ("TEST", "TRAIN"):

@@ -246,7 +246,7 @@ def _batch_chunks(n: int, cols_per_image: int, limit: int) -> int:
     for chunks in range(1, n + 1):
         if n % chunks == 0 and (n // chunks) * cols_per_image <= limit:
             return chunks
-    return n
+    return max(n, 1)  # an empty batch is one (empty) piece
 
 
 
