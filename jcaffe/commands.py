@@ -203,9 +203,10 @@ def time_command(argv) -> int:
             tf = _timeit(lf, lblobs, bottoms, iterations=n)
             _log.info("%15s\tforward: %.4f ms.", layer.name, tf)
             # Like Caffe, no gradient for bottoms that come straight from a data layer.
-            floats = [k for k, b in enumerate(bottoms)
-                      if jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating)
-                      and layer.bottom_names[k] not in data_tops]
+            floats = [] if layer.is_data else [
+                k for k, b in enumerate(bottoms)
+                if jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating)
+                and layer.bottom_names[k] not in data_tops]
             if (lblobs or floats) and not layer.is_data:
                 tb = _time_backward(f, lblobs, bottoms, floats, np.random.default_rng(i), n)
                 _log.info("%15s\tbackward: %.4f ms.", layer.name, tb)

@@ -1,6 +1,7 @@
 """The Caffe-style commands: train (both spellings), test, time, device_query."""
 
 import logging
+import pathlib
 import subprocess
 import sys
 
@@ -119,3 +120,12 @@ def test_train_level_and_stage_select_the_train_net(work, tmp_path, capfd):
     rc, _, err = run_cli(args + ["--level=1", "--stage=big"], capfd)
     assert rc == 0, err
     assert "Creating Layer extra" in err
+
+
+def test_time_a_deploy_net_with_input_layers(capfd):
+    """A net fed by Input layers (the shipped LeNet deploy net) is timed on synthetic data."""
+    lenet = pathlib.Path(__file__).resolve().parents[1] / "prototxt" / "lenet.prototxt"
+    rc, _, err = run_cli(["time", f"--model={lenet}", "--iterations=1",
+                          "--phase=TEST"], capfd)
+    assert rc == 0, err
+    assert "conv1\tforward:" in err and "Average Forward pass:" in err
