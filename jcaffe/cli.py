@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import traceback
 import warnings
@@ -243,10 +244,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         if debug:
             traceback.print_exc()
+        inner = _user_error_inside(e)
+        if inner:
+            print(f"jcaffe: error: {inner}", file=sys.stderr)
+            return 1
         hint = "" if debug else " (run with --debug for the traceback)"
         print(f"jcaffe: internal error: {type(e).__name__}: {_one_line(str(e))}{hint}",
               file=sys.stderr)
         return 1
+
+
+_INNER_ERROR = re.compile(r"\b(?:LayerError|NetError|DataError|ModelError|SolverError|"
+                          r"JcaffeError): (.+)")
+
+
+def _user_error_inside(e: BaseException) -> str | None:
+    """A jcaffe error raised inside a host callback of a compiled step (a Python layer's
+    forward) reaches the caller wrapped in JAX's runtime error: its one line, if any."""
+    if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
+        return None
+    found = _INNER_ERROR.findall(str(e))
+    return _one_line(found[-1]) if found else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -470,3 +470,27 @@ def test_entry_point_layer_type_builds_and_runs(tmp_path, monkeypatch):
                                        r"'jcaffe_ep_demo:missing' .*jcaffe-ep-demo"):
         jcaffe.Net(prototxt.parse_net_text(
             'layer { name: "b" type: "BrokenEP" top: "y" }'), verbose=False)
+
+
+def test_exception_in_forward_during_training_is_one_line_at_the_cli(tmp_path, capfd):
+    """Raised inside the compiled step's host callback, it reaches `jcaffe train` wrapped in
+    JAX's runtime error; the command prints the layer's one line."""
+    from jcaffe import cli
+
+    src = open(os.path.join(DATA, "jcaffe_test_pylayers.py")).read()
+    (tmp_path / "boom_layers.py").write_text(src)
+    (tmp_path / "net.prototxt").write_text('''
+layer { name: "x" type: "DummyData" top: "x" dummy_data_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" inner_product_param { num_output: 1 } }
+layer { name: "boom" type: "Python" bottom: "ip" top: "loss" loss_weight: 1
+        python_param { module: "boom_layers" layer: "RaisesInForward" } }
+''')
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 2\n'
+        f'snapshot_after_train: false\nsolver_mode: CPU\n')
+    rc = cli.main(["train", f"--solver={tmp_path / 'solver.prototxt'}"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("jcaffe: error: layer 'boom' (type Python): "), err[-1]
+    assert "forward raised RuntimeError: boom at run time" in err[-1]
+    assert "Traceback" not in "\n".join(err)

@@ -125,3 +125,16 @@ class WrongTops(JaxLayer):
 
     def apply(self, blobs, bottoms, train, key):
         return [bottoms[0]]
+
+
+class RaisesInForward(caffe.Layer):
+    """A loss whose forward fails at run time (a bug in the user's layer)."""
+
+    def reshape(self, bottom, top):
+        top[0].reshape(1)
+
+    def forward(self, bottom, top):
+        raise RuntimeError("boom at run time")
+
+    def backward(self, top, propagate_down, bottom):
+        pass
