@@ -23,7 +23,7 @@ PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
 # (channels-last im2col convolutions, slice pooling, XLA convolutions one step per dispatch)
 # and a GPU's (NCHW, XLA convolutions and reduce_window pooling inside ``lax.scan``, many
 # iterations per dispatch, which the CPU would not pick: only slower there, not different).
-CHOICES = {"cpu": Config(),
+CHOICES = {"cpu": Config(layout="NHWC", conv="im2col", pool="slices"),
            "gpu": Config(layout="NCHW", conv="xla", pool="reduce_window", scan=True)}
 
 # The execution config layers are built with; formulation fixtures replace it (monkeypatch).

@@ -93,6 +93,8 @@ def solver_param(workdir, extra="", choices="cpu", **fields):
 
 def trainer(workdir, extra="", data_on_device=None, choices="cpu", **kw):
     fields = {k: kw.pop(k) for k in list(kw) if k not in ("iters_per_call", "devices")}
+    if "devices" not in kw:  # the test platform's (JCAFFE_TEST_PLATFORM), not solver_mode's
+        kw["devices"] = [jax.devices()[0]]
     return Trainer(solver_param(workdir, extra, choices, **fields), verbose=False,
                    config=CHOICES[choices].replace(data_on_device=data_on_device), **kw)
 
@@ -367,7 +369,7 @@ def test_iter_size_accumulates_like_one_larger_batch(workdir, tmp_path, choices_
     big = trainer(workdir, choices=choices_, **kw)
     sp = solver_param(workdir, iter_size=2, **kw)
     sp.net = str(net8)
-    small = Trainer(sp, verbose=False, config=CHOICES[choices_])
+    small = Trainer(sp, verbose=False, config=CHOICES[choices_], devices=[jax.devices()[0]])
     big.solve()
     small.solve()
     big.close()
