@@ -239,7 +239,8 @@ def child_torch_full(mode: str) -> dict:
 def child_layer_times(backend: str) -> dict:
     """`jcaffe time` on LeNet: per-layer forward/backward ms (parsed from its log)."""
     work = _workdir_for("lenet")
-    env = dict(os.environ, JAX_PLATFORMS=backend)
+    # ("gpu" would also ask for ROCm and oneAPI, and fail where they are absent)
+    env = dict(os.environ, JAX_PLATFORMS="cuda" if backend == "gpu" else backend)
     out = subprocess.run([sys.executable, "-m", "jcaffe", "time",
                           "--model=prototxt/lenet_train_test.prototxt", "--iterations=20"]
                          + (["--gpu=0"] if backend == "gpu" else []),
