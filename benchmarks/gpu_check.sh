@@ -99,16 +99,17 @@ else
     stage full 120 $G full
     stage torch-lenet-eager 40 $G torch-step lenet eager
     stage torch-cifar10_quick-eager 40 $G torch-step cifar10_quick eager
+    stage torch-lenet-compile 70 $G torch-step lenet compile
     stage layers 45 $G layers
+    stage pytest-vision 90 env JCAFFE_TEST_PLATFORM=cuda $PY -m pytest -p no:cacheprovider -o addopts= \
+        tests/test_layers_vision.py -q -rfE
+    cp "$OUT/logs/pytest-vision.log" "$OUT/pytest-vision.log" 2>/dev/null
+    # the opt-in precisions, 100 iterations per dispatch
     for p in tf32 bf16; do
         for net in lenet cifar10_quick; do
             stage "step-$net-100-$p" 40 $G step $net 100 $p
         done
     done
-    stage pytest-vision 90 env JCAFFE_TEST_PLATFORM=cuda $PY -m pytest -p no:cacheprovider -o addopts= \
-        tests/test_layers_vision.py -q -rfE
-    cp "$OUT/logs/pytest-vision.log" "$OUT/pytest-vision.log" 2>/dev/null
-    stage torch-lenet-compile 70 $G torch-step lenet compile
     stage torch-cifar10_quick-compile 70 $G torch-step cifar10_quick compile
     stage torch-full-eager 60 $G torch-full eager
     stage torch-full-compile 90 $G torch-full compile
