@@ -85,11 +85,14 @@ SOLVERS = {"lenet": "prototxt/lenet_solver.prototxt",
            "cifar10_quick": "prototxt/cifar10_quick_solver.prototxt"}
 
 
-def child_step(net: str, backend: str, windows: int, per_call: int) -> dict:
-    """Steady-state train-step time of the shipped solver's net (device-resident data)."""
+def child_step(net: str, backend: str, windows: int, per_call: int,
+               precision: str = "float32") -> dict:
+    """Steady-state train-step time of the shipped solver's net (device-resident data), its
+    matmuls and convolutions in ``precision`` (``jcaffe.config.Config.precision``)."""
     import jax
 
     from jcaffe import prototxt
+    from jcaffe.config import Config
     from jcaffe.train import Trainer
 
     work = _workdir_for(net)
@@ -99,7 +102,8 @@ def child_step(net: str, backend: str, windows: int, per_call: int) -> dict:
     sp.snapshot_after_train = False
     sp.display = 0
     device = jax.devices(backend)[0]
-    t = Trainer(sp, device=device, verbose=False, iters_per_call=per_call)
+    t = Trainer(sp, device=device, verbose=False, iters_per_call=per_call,
+                config=Config(precision=precision))
     t._setup_feeds()
     t0 = time.perf_counter()
     jax.block_until_ready(t.run_iterations(per_call)["loss"])
@@ -120,7 +124,7 @@ def child_step(net: str, backend: str, windows: int, per_call: int) -> dict:
     batch = t.net.input_specs()["data"][0][0]
     flops = train_flops(t.net)
     return {"net": net, "backend": backend, "device": str(device), "batch": batch,
-            "iters_per_call": per_call, "compile_s": compile_s,
+            "iters_per_call": t.iters_per_call, "precision": precision, "compile_s": compile_s,
             "ms_per_iter_median": med, "ms_per_iter_min": min(times),
             "ms_per_iter_max": max(times), "images_per_s": batch * 1e3 / med,
             "test_pass_s": test_s, "test_compile_s": max(0.0, first_test - test_s),
@@ -235,9 +239,11 @@ def child_torch_full(mode: str) -> dict:
 def child_layer_times(backend: str) -> dict:
     """`jcaffe time` on LeNet: per-layer forward/backward ms (parsed from its log)."""
     work = _workdir_for("lenet")
-    env = dict(os.environ, JAX_PLATFORMS=backend)
+    # ("gpu" would also ask for ROCm and oneAPI, and fail where they are absent)
+    env = dict(os.environ, JAX_PLATFORMS="cuda" if backend == "gpu" else backend)
     out = subprocess.run([sys.executable, "-m", "jcaffe", "time",
-                          "--model=prototxt/lenet_train_test.prototxt", "--iterations=20"],
+                          "--model=prototxt/lenet_train_test.prototxt", "--iterations=20"]
+                         + (["--gpu=0"] if backend == "gpu" else []),
                          cwd=work, env=env, capture_output=True, text=True, check=True).stderr
     layers = {}
     for name, kind, ms in re.findall(r"\]\s+(\S+)\s+(forward|backward): ([\d.]+) ms", out):

@@ -15,19 +15,52 @@ Fields (``"auto"`` picks what is fastest on ``platform``):
 * ``conv``: ``"im2col"`` or ``"xla"`` (``lax.conv_general_dilated``); auto is im2col on CPU
   (XLA's CPU convolution is slow in the weight gradient) and xla elsewhere.
 * ``pool``: ``"slices"`` or ``"reduce_window"``; auto is slices on CPU, reduce_window elsewhere.
-* ``precision``: ``"float32"`` (Caffe's numbers: full float32 in every matmul and convolution),
-  ``"tf32"`` or ``"bf16"`` (opt-in speed on GPUs).
+* ``precision``: how every matmul and convolution of every layer multiplies (see below);
+  ``"float32"`` (default, Caffe's numbers), ``"tf32"`` or ``"bf16"`` (opt-in speed on GPUs).
 * ``data_on_device``: ``True`` / ``False`` forces where datasets live; ``None`` decides by size.
 * ``im2col_max_elems``: the channels-first im2col materialises its whole column matrix;
   above this many elements auto uses XLA's convolution there.
 * ``chunk_cols_elems``: channels-last convolutions loop over batch pieces whose columns
   stay below this many elements (cache-sized).
+* ``scan``: whether the train step may run many iterations inside one ``lax.scan`` per
+  dispatch; ``None`` lets each layer decide (``Layer.scan_ok``: not XLA's convolution on CPU,
+  which falls back to slow kernels inside loops), ``True`` / ``False`` forces it (tests run
+  the GPU combination, XLA convolutions inside ``lax.scan``, on the CPU this way).
+
+Precision. Every ``dot_general`` and ``conv_general_dilated`` of the layers goes through
+``Config.dot_general`` / ``Config.conv_general_dilated`` and so carries an explicit choice
+(never JAX's unspecified default, which on Ampere and later NVIDIA GPUs is TF32). For
+products ``y = sum_k a_k b_k`` of float32 blobs:
+
+* ``"float32"``: ``precision=lax.Precision.HIGHEST`` on both operands: every ``a_k b_k`` and
+  the sum in IEEE float32 (24-bit significand, relative rounding unit ``u = 2^-24``), as
+  Caffe's cuBLAS/cuDNN calls compute; results agree with Caffe's to float32 rounding of the
+  summation order. The same on every backend.
+* ``"tf32"``: ``precision=lax.Precision.HIGH`` (JAX's alias ``"tensorfloat32"``). On NVIDIA
+  GPUs with tensor cores the operands are rounded to TF32 (10-bit mantissa, ``u = 2^-11``)
+  and the products summed in float32: ``|y - y_f32| <~ 2^-10 sum_k |a_k b_k|``. On CPU
+  ``HIGH`` computes in full float32, so there tf32 gives float32's numbers. (XLA's
+  ``DotAlgorithmPreset.TF32_TF32_F32`` says the same but is refused by the CPU backend, and
+  convolutions cannot carry an algorithm at all, hence the precision enum.)
+* ``"bf16"``: mixed precision, which Caffe never offered. Parameters, their gradients as
+  the solver sees them and the solver history stay float32 ("master weights"); each matmul
+  and convolution casts both operands to bfloat16 (8-bit significand, ``u = 2^-9``), and
+  multiplies them with float32 accumulation and a float32 result
+  (``preferred_element_type=float32``): ``|y - y_f32| <~ 2^-8 sum_k |a_k b_k|``. Backward,
+  the incoming gradient is cast to bfloat16 too, so the two gradient products (with respect
+  to the input and to the weight) are also bfloat16 x bfloat16 products with float32
+  accumulation, rounded to bfloat16 and handed back as float32 (the scheme of mixed-precision
+  training elsewhere); elementwise layers, softmax, losses and the solver stay float32. No
+  loss scaling is needed: bfloat16 has float32's exponent range. The bf16 products are a
+  ``jax.custom_vjp``, so forward-mode differentiation (``jax.jvp``) is float32/tf32 only. On
+  CPU the casts happen as on a GPU, so bf16 numbers (not speed) are testable there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+import functools
+from typing import Any, Mapping
 
 from jcaffe.errors import JcaffeError
 
@@ -57,6 +90,7 @@ class Config:
     data_on_device: bool | None = None
     im2col_max_elems: int = 4_000_000
     chunk_cols_elems: int = 1_000_000
+    scan: bool | None = None
 
     def __post_init__(self):
         _check("layout", self.layout, LAYOUTS)
@@ -98,12 +132,29 @@ class Config:
 
     @property
     def dot_precision(self):
-        """The ``precision=`` of every matmul and convolution: Caffe's full float32 unless
-        TF32 or bf16 was chosen."""
+        """The ``precision=`` of every matmul and convolution: Caffe's full float32
+        (``HIGHEST``) unless TF32 (``HIGH``) or bf16 (operands cast to bfloat16, where
+        ``DEFAULT`` is bfloat16 x bfloat16 with float32 accumulation) was chosen."""
+        return _LAX_PRECISION[self.precision]()
+
+    def dot_general(self, lhs, rhs, dimension_numbers):
+        """``lax.dot_general`` in this config's precision (module docstring)."""
         from jax import lax
 
-        return {"float32": lax.Precision.HIGHEST, "tf32": lax.Precision.HIGH,
-                "bf16": lax.Precision.DEFAULT}[self.precision]
+        op = functools.partial(lax.dot_general, dimension_numbers=dimension_numbers)
+        return _bilinear(self.precision, op, lhs, rhs)
+
+    def dot(self, lhs, rhs):
+        """``lhs [..., K] x rhs [K, N]`` in this config's precision."""
+        return self.dot_general(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())))
+
+    def conv_general_dilated(self, lhs, rhs, window_strides, padding, **kwargs):
+        """``lax.conv_general_dilated`` in this config's precision (module docstring)."""
+        from jax import lax
+
+        op = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
+                               padding=padding, **kwargs)
+        return _bilinear(self.precision, op, lhs, rhs)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides) -> "Config":
@@ -127,6 +178,65 @@ class Config:
             bad = next((ENV[f] for f in ENV if str(e).startswith(f + ":") and f in values
                         and f not in overrides), None)
             raise ConfigError(f"{bad}: {e}" if bad else str(e)) from None
+
+
+def _highest():
+    from jax import lax
+    return lax.Precision.HIGHEST
+
+
+def _high():
+    from jax import lax
+    return lax.Precision.HIGH
+
+
+def _default():
+    from jax import lax
+    return lax.Precision.DEFAULT
+
+
+_LAX_PRECISION = {"float32": _highest, "tf32": _high, "bf16": _default}
+
+
+def _bilinear(precision: str, op, lhs, rhs) -> Any:
+    """``op(lhs, rhs, precision=..., preferred_element_type=...)`` (a ``dot_general`` or a
+    convolution with its static arguments bound) in the named precision."""
+    if precision != "bf16":
+        return op(lhs, rhs, precision=_LAX_PRECISION[precision]())
+    return _bf16_bilinear(op, lhs, rhs)
+
+
+def _bf16_bilinear(op, lhs, rhs):
+    """Mixed precision: bfloat16 operands, float32 accumulation and result, forward and
+    backward (module docstring). Without the custom VJP, JAX's transposes would multiply the
+    float32 output gradient by a bfloat16 operand, a float32 product at the backend's default
+    precision."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    bf16 = jnp.bfloat16
+    out_dtype = lhs.dtype
+
+    def run(a, b, out):
+        return op(a, b, precision=lax.Precision.DEFAULT, preferred_element_type=out)
+
+    @jax.custom_vjp
+    def product(a, b):
+        return run(a.astype(bf16), b.astype(bf16), out_dtype)
+
+    def fwd(a, b):
+        a16, b16 = a.astype(bf16), b.astype(bf16)
+        return run(a16, b16, out_dtype), (a16, b16)
+
+    def bwd(res, g):
+        a16, b16 = res
+        _, vjp = jax.vjp(lambda a, b: run(a, b, None), a16, b16)
+        da, db = vjp(g.astype(bf16))
+        return da.astype(lhs.dtype), db.astype(rhs.dtype)
+
+    product.defvjp(fwd, bwd)
+    return product(lhs, rhs)
 
 
 def _check(name: str, value: str, choices: tuple[str, ...]) -> None:

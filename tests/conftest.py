@@ -5,7 +5,12 @@ import os
 # Must precede the first jax import: four virtual CPU devices for the multi-device paths.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JCAFFE_TEST_PLATFORM=cuda runs the suite with the GPU as JAX's default backend (the CPU
+# devices stay available); the default is the CPU alone.
+# "gpu" means "cuda": JAX_PLATFORMS=gpu would also require ROCm and oneAPI.
+_platform = os.environ.get("JCAFFE_TEST_PLATFORM", "cpu")
+_platform = "cuda" if _platform == "gpu" else _platform
+os.environ.setdefault("JAX_PLATFORMS", "cpu" if _platform == "cpu" else f"{_platform},cpu")
 
 import jax  # noqa: E402
 

@@ -19,6 +19,13 @@ from jcaffe.proto import caffe_pb2
 
 PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
 
+# The execution choices of each platform, both run by the tests on the CPU: the CPU's own
+# (channels-last im2col convolutions, slice pooling, XLA convolutions one step per dispatch)
+# and a GPU's (NCHW, XLA convolutions and reduce_window pooling inside ``lax.scan``, many
+# iterations per dispatch, which the CPU would not pick: only slower there, not different).
+CHOICES = {"cpu": Config(layout="NHWC", conv="im2col", pool="slices"),
+           "gpu": Config(layout="NCHW", conv="xla", pool="reduce_window", scan=True)}
+
 # The execution config layers are built with; formulation fixtures replace it (monkeypatch).
 CONFIG = Config()
 

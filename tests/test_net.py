@@ -12,6 +12,7 @@ from jcaffe import caffemodel
 from jcaffe.errors import ModelError, NetError
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
+from tests.layer_utils import CHOICES
 
 MLP = """
 name: "mlp"
@@ -34,9 +35,15 @@ def parse(text):
     return text_format.Parse(text, caffe_pb2.NetParameter())
 
 
+@pytest.fixture(scope="module", params=sorted(CHOICES))
+def choices(request):
+    """The CPU's and a GPU's execution choices (``CHOICES``)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def mlp():
-    return Net(parse(MLP), "TRAIN", verbose=False)
+def mlp(choices):
+    return Net(parse(MLP), "TRAIN", verbose=False, config=CHOICES[choices])
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +333,28 @@ def test_forward_mode_with_the_nchw_layout_matches_reverse_mode():
     np.testing.assert_allclose(float(forward), float(reverse), rtol=1e-4)
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(objective(a), (params,), (direction,))
+
+
+def test_conv_net_gradient_matches_finite_differences(choices):
+    """Convolutions (grouped, strided, padded), MAX/AVE/global pooling and InnerProduct under
+    each platform's choices: JAX's float64 gradient against central differences."""
+    net = Net(parse(LAYOUT_NET), "TEST", config=CHOICES[choices], verbose=False)
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), net.init(jax.random.key(5)))
+        x = jnp.asarray(rng.standard_normal((2, 4, 11, 11)))
+        f = jax.jit(lambda p: sum(jnp.sum(v * v) for k, v in net.apply(p, {"x": x}).items()
+                                  if k in ("ip", "p3")))
+        grads = jax.grad(f)(params)
+        eps = 1e-6
+        for name in ("c1", "c2", "ip"):
+            base = np.asarray(params[name][0])
+            for idx in [tuple(rng.integers(0, d) for d in base.shape) for _ in range(3)]:
+                d = np.zeros_like(base)
+                d[idx] = eps
+                plus = {k: list(v) for k, v in params.items()}
+                minus = {k: list(v) for k, v in params.items()}
+                plus[name][0], minus[name][0] = jnp.asarray(base + d), jnp.asarray(base - d)
+                num = (float(f(plus)) - float(f(minus))) / (2 * eps)
+                np.testing.assert_allclose(float(grads[name][0][idx]), num, rtol=1e-5,
+                                           atol=1e-8, err_msg=f"{name}{idx}")

@@ -13,6 +13,7 @@ from jcaffe.data.dataset import write_dataset
 from jcaffe.errors import SolverError
 from jcaffe.proto import caffe_pb2
 from jcaffe.train import Trainer
+from tests.layer_utils import CHOICES
 
 NET = """
 name: "tiny"
@@ -69,10 +70,20 @@ def workdir(tmp_path_factory):
     return d
 
 
-def solver_param(workdir, extra="", **fields):
+@pytest.fixture(scope="module", params=sorted(CHOICES))
+def choices(request):
+    """The CPU's and a GPU's execution choices (``CHOICES``), for the tests that matter."""
+    return request.param
+
+
+def snap_dir(workdir, choices="cpu"):
+    return workdir / ("snap" if choices == "cpu" else f"snap_{choices}")
+
+
+def solver_param(workdir, extra="", choices="cpu", **fields):
     sp = text_format.Parse(SOLVER + extra, caffe_pb2.SolverParameter())
     sp.net = str(workdir / "net.prototxt")
-    sp.snapshot_prefix = str(workdir / "snap" / "tiny")
+    sp.snapshot_prefix = str(snap_dir(workdir, choices) / "tiny")
     for k, v in fields.items():
         setattr(sp, k, v)
     if sp.test_interval == 0:
@@ -80,10 +91,12 @@ def solver_param(workdir, extra="", **fields):
     return sp
 
 
-def trainer(workdir, extra="", data_on_device=None, **kw):
+def trainer(workdir, extra="", data_on_device=None, choices="cpu", **kw):
     fields = {k: kw.pop(k) for k in list(kw) if k not in ("iters_per_call", "devices")}
-    return Trainer(solver_param(workdir, extra, **fields), verbose=False,
-                   config=Config(data_on_device=data_on_device), **kw)
+    if "devices" not in kw:  # the test platform's (JCAFFE_TEST_PLATFORM), not solver_mode's
+        kw["devices"] = [jax.devices()[0]]
+    return Trainer(solver_param(workdir, extra, choices, **fields), verbose=False,
+                   config=CHOICES[choices].replace(data_on_device=data_on_device), **kw)
 
 
 def params_np(params):
@@ -103,17 +116,27 @@ def assert_same_params(p, q, exact=True):
 
 
 @pytest.fixture(scope="module")
-def full_run(workdir):
-    """One uninterrupted 20-iteration run (device-resident data), its log and results."""
+def full_run(workdir, choices):
+    """One uninterrupted 20-iteration run (device-resident data), its log and results, with
+    the CPU's and with a GPU's execution choices."""
     stream = _Capture()
     log.setup(stream=stream)
     try:
-        t = trainer(workdir)
+        t = trainer(workdir, choices=choices)
         results = t.solve()
         t.close()
     finally:
         log.setup()
     return t, results, stream.text
+
+
+def test_choices_run_as_intended(full_run, choices):
+    t = full_run[0]
+    convs = {t.net.conv_formulation(l) for l in t.net.layers if l.type == "Convolution"}
+    if choices == "gpu":  # XLA convolutions inside lax.scan, NCHW
+        assert t.net.layout == "NCHW" and convs == {"xla"} and t.iters_per_call > 1
+    else:
+        assert t.net.layout == "NHWC" and convs == {"im2col"}
 
 
 class _Capture:
@@ -177,39 +200,38 @@ def test_log_parses_with_caffes_parse_log_regexes(full_run):
     assert order == sorted(order)
 
 
-def test_snapshot_files_are_caffe_protos(full_run, workdir):
+def test_snapshot_files_are_caffe_protos(full_run, workdir, choices):
     t, _, _ = full_run
     state = caffe_pb2.SolverState()
-    state.ParseFromString((workdir / "snap" / "tiny_iter_20.solverstate").read_bytes())
+    state.ParseFromString((snap_dir(workdir, choices) / "tiny_iter_20.solverstate").read_bytes())
     assert state.iter == 20
     assert state.learned_net.endswith("tiny_iter_20.caffemodel")
     assert len(state.history) == len(t.net.params_info)  # SGD: one history blob per param
     model = caffe_pb2.NetParameter()
-    model.ParseFromString((workdir / "snap" / "tiny_iter_20.caffemodel").read_bytes())
+    model.ParseFromString((snap_dir(workdir, choices) / "tiny_iter_20.caffemodel").read_bytes())
     blobs = {l.name: l.blobs for l in model.layer if l.blobs}
     np.testing.assert_array_equal(np.asarray(blobs["conv"][0].data, np.float32),
                                   np.ravel(params_np(t.params)["conv"][0]))
     assert list(blobs["conv"][0].shape.dim) == [4, 1, 3, 3]
     # The momentum history is Caffe's v (lr inside), so it matches the last update's size.
-    assert (workdir / "snap" / "tiny_iter_10.caffemodel").exists()
+    assert (snap_dir(workdir, choices) / "tiny_iter_10.caffemodel").exists()
 
 
-def test_resume_is_bit_exact(full_run, workdir):
+def test_resume_is_bit_exact(full_run, workdir, choices):
     t_full, _, _ = full_run
-    resumed = trainer(workdir)
-    resumed.restore(str(workdir / "snap" / "tiny_iter_10.solverstate"))
+    resumed = trainer(workdir, choices=choices)
+    resumed.restore(str(snap_dir(workdir, choices) / "tiny_iter_10.solverstate"))
     assert resumed.iter == 10
     resumed.solve()
     resumed.close()
     assert_same_params(t_full.params, resumed.params)
 
 
-def test_host_fed_path_equals_device_resident(workdir, full_run):
-    t_full, _, _ = full_run
-    host = trainer(workdir, data_on_device=False, snapshot=0, max_iter=10, test_interval=0,
-                   snapshot_after_train=False)
-    dev = trainer(workdir, data_on_device=True, snapshot=0, max_iter=10, test_interval=0,
-                  snapshot_after_train=False)
+def test_host_fed_path_equals_device_resident(workdir, choices):
+    kw = dict(snapshot=0, max_iter=10, test_interval=0, snapshot_after_train=False,
+              choices=choices)
+    host = trainer(workdir, data_on_device=False, **kw)
+    dev = trainer(workdir, data_on_device=True, **kw)
     host.solve()
     dev.solve()
     host.close()
@@ -217,10 +239,10 @@ def test_host_fed_path_equals_device_resident(workdir, full_run):
     assert_same_params(host.params, dev.params, exact=False)
 
 
-@pytest.mark.parametrize("on_device", [True, False])
-def test_step_does_not_recompile(workdir, compiles, on_device):
+@pytest.mark.parametrize("choices_, on_device", [("cpu", True), ("cpu", False), ("gpu", True)])
+def test_step_does_not_recompile(workdir, compiles, choices_, on_device):
     t = trainer(workdir, test_interval=0, snapshot=0, snapshot_after_train=False, display=0,
-                iters_per_call=5, data_on_device=on_device)
+                iters_per_call=5, data_on_device=on_device, choices=choices_)
     t._setup_feeds()
     jax.block_until_ready(t.run_iterations(5))
     before = compiles.count
@@ -332,7 +354,8 @@ def test_one_step_per_dispatch_equals_scan(workdir):
     assert_same_params(a.params, b.params, exact=False)
 
 
-def test_iter_size_accumulates_like_one_larger_batch(workdir, tmp_path):
+@pytest.mark.parametrize("choices_", ["cpu", "gpu"])
+def test_iter_size_accumulates_like_one_larger_batch(workdir, tmp_path, choices_):
     """iter_size 2 with batch 8 sums two sub-batch gradients (a loop in the step) and the
     solver divides by iter_size: the same weights as batch 16 (the same images, Caffe's
     data cursor)."""
@@ -340,10 +363,10 @@ def test_iter_size_accumulates_like_one_larger_batch(workdir, tmp_path):
     net8.write_text((workdir / "net.prototxt").read_text().replace("batch_size: 16",
                                                                   "batch_size: 8"))
     kw = dict(test_interval=0, display=0, snapshot=0, snapshot_after_train=False, max_iter=6)
-    big = trainer(workdir, **kw)
+    big = trainer(workdir, choices=choices_, **kw)
     sp = solver_param(workdir, iter_size=2, **kw)
     sp.net = str(net8)
-    small = Trainer(sp, verbose=False)
+    small = Trainer(sp, verbose=False, config=CHOICES[choices_], devices=[jax.devices()[0]])
     big.solve()
     small.solve()
     big.close()

@@ -190,8 +190,9 @@ class Layer:
 
     def scan_ok(self, channels_last: bool) -> bool:
         """Whether this layer runs at full speed inside ``lax.scan`` (many iterations per
-        dispatch); a formulation that does not (XLA's CPU convolution) says False."""
-        return True
+        dispatch); a formulation that does not (XLA's CPU convolution) says False.
+        ``Config.scan`` overrides every layer's answer when set."""
+        return True if self.config.scan is None else self.config.scan
 
     # -- helpers ----------------------------------------------------------------------------
     def error(self, message: str) -> LayerError:

@@ -63,7 +63,8 @@ class InnerProductLayer(Layer):
         lead = x.shape[:self.axis]
         x2 = x.reshape((-1, self.K))
         w = blobs[0].astype(x.dtype)
-        y = x2 @ w if self.transpose else x2 @ w.T
+        dims = (((1,), (0,)), ((), ())) if self.transpose else (((1,), (1,)), ((), ()))
+        y = self.config.dot_general(x2, w, dims)
         if self.bias_term:
             y = y + blobs[1].astype(x.dtype).reshape((1, self.num_output))
         return [y.reshape(lead + (self.num_output,))]

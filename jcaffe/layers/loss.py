@@ -360,7 +360,9 @@ class InfogainLoss(_LossLayer):
         valid = self._valid(lab)
         logp = _clamped_log(jax.nn.log_softmax(x3, axis=1), kLOG_THRESHOLD)
         rows = jnp.take(H, jnp.clip(lab, 0, c - 1), axis=0)  # (outer, inner, C)
-        per_pos = jnp.einsum("ijl,ilj->ij", rows, logp)
+        # sum_l H[label, l] log p_l per position: elementwise, as Caffe's loop (no matmul, so
+        # float32 under every Config.precision).
+        per_pos = jnp.sum(rows * jnp.swapaxes(logp, 1, 2), axis=2)
         loss_sum = -jnp.sum(jnp.where(valid, per_pos, jnp.zeros_like(per_pos)))
         return _loss_and_prob(self, loss_sum, valid, x3, x)
 

@@ -20,7 +20,9 @@ window, as Caffe's mask does.
 
 The formulations come from the layer's ``config`` (``jcaffe.config.Config``: ``conv`` and
 ``pool``, ``"auto"`` meaning im2col and slices on the CPU backend, xla and reduce_window
-elsewhere); a built layer keeps its choice in ``layer.impl``.
+elsewhere); a built layer keeps its choice in ``layer.impl``. Every convolution and GEMM
+multiplies in ``config.precision`` (``Config.dot_general`` / ``Config.conv_general_dilated``:
+full float32 by default, as Caffe).
 """
 
 from __future__ import annotations
@@ -37,11 +39,6 @@ from jax import lax
 from jcaffe.config import CONV_IMPLS, POOL_IMPLS  # noqa: F401  (re-exported)
 from jcaffe.layers.base import Layer, Shape, count, register
 from jcaffe.proto import caffe_pb2
-
-# Caffe computes in full float32; on GPUs the default precision would round matmul inputs to
-# TF32 and drift from Caffe's numbers.
-PRECISION = lax.Precision.HIGHEST
-
 
 def _offsets(kernel):
     """Kernel offsets in Caffe's row-major window order."""
@@ -164,8 +161,8 @@ def _pad_hw(x, lo_hi):
                    [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in lo_hi] + [(0, 0, 0)])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_nhwc(x, wm, geo):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_nhwc(x, wm, geo, config):
     """Convolution of [N, H, W, C] ``x`` with ``wm`` [kh*kw*C, O] → [N, OH, OW, O].
 
     Columns are built per batch piece (``geo`` chunks), so that each piece's columns stay in
@@ -175,8 +172,10 @@ def _conv_nhwc(x, wm, geo):
 
     (Measured and not kept: the input gradient of stride-1 "same" convolutions as a
     convolution of the padded output gradient with the flipped kernel, the same FLOPs with
-    an im2col instead of a col2im, was 10 % slower on CIFAR-10 quick.)"""
-    return _conv_nhwc_fwd(x, wm, geo)[0]
+    an im2col instead of a col2im, was 10 % slower on CIFAR-10 quick.)
+
+    ``config`` gives the GEMMs' precision (``Config.dot``)."""
+    return _conv_nhwc_fwd(x, wm, geo, config)[0]
 
 
 def _conv_columns(x, geo):
@@ -185,12 +184,12 @@ def _conv_columns(x, geo):
                         geo.dilation, geo.out_sp)
 
 
-def _conv_nhwc_fwd(x, wm, geo):
+def _conv_nhwc_fwd(x, wm, geo, config):
     n, o, out_sp, chunks = x.shape[0], wm.shape[1], geo.out_sp, geo.chunks
 
     def forward(xc):
         cols = _conv_columns(xc, geo)
-        return lax.dot(cols, wm, precision=PRECISION), cols
+        return config.dot(cols, wm), cols
 
     if chunks == 1:
         y, cols = forward(x)
@@ -199,7 +198,7 @@ def _conv_nhwc_fwd(x, wm, geo):
     return y.reshape((n,) + out_sp + (o,)), (x, wm, None)
 
 
-def _conv_nhwc_bwd(geo, res, dy):
+def _conv_nhwc_bwd(geo, config, res, dy):
     kernel, stride, dilation, pad, out_sp, chunks = geo
     x, wm, cols = res
     n, h, w, c = x.shape
@@ -207,8 +206,8 @@ def _conv_nhwc_bwd(geo, res, dy):
 
     def grads(cols, dyc):
         dyc = dyc.reshape(-1, o)
-        dwm = lax.dot_general(cols, dyc, (((0,), (0,)), ((), ())), precision=PRECISION)
-        dcols = lax.dot_general(dyc, wm, (((1,), (1,)), ((), ())), precision=PRECISION)
+        dwm = config.dot_general(cols, dyc, (((0,), (0,)), ((), ())))
+        dcols = config.dot_general(dyc, wm, (((1,), (1,)), ((), ())))
         b = dcols.shape[0] // (out_sp[0] * out_sp[1])
         dxp = _col2im_nhwc(dcols, (b, h + 2 * pad[0], w + 2 * pad[1], c), kernel, stride,
                            dilation, out_sp)
@@ -416,6 +415,8 @@ class _BaseConvolution(Layer):
         return self.impl if channels_last else self.nchw_impl
 
     def scan_ok(self, channels_last: bool) -> bool:
+        if self.config.scan is not None:
+            return self.config.scan
         # XLA's CPU convolution falls back to naive kernels inside loops.
         return not (self.formulation(channels_last) == "xla" and self.config.platform == "cpu")
 
@@ -496,9 +497,9 @@ class Convolution(_BaseConvolution):
 
     def _forward(self, x, w):
         if self.nchw_impl == "xla":
-            return lax.conv_general_dilated(
+            return self.config.conv_general_dilated(
                 x, w, self.stride, [(q, q) for q in self.pad], rhs_dilation=self.dilation,
-                feature_group_count=self.group, precision=PRECISION)
+                feature_group_count=self.group)
         return self._im2col(x, w)
 
     def _im2col(self, x, w):
@@ -514,12 +515,12 @@ class Convolution(_BaseConvolution):
         cols = pieces[0] if kk == 1 else jnp.stack(pieces, axis=2)
         kdim = c // g * kk
         if g == 1:
-            y = lax.dot_general(w.reshape(o, kdim), cols.reshape(n, kdim, p),
-                                (((1,), (1,)), ((), ())), precision=PRECISION)  # [O, N, P]
+            y = self.config.dot_general(w.reshape(o, kdim), cols.reshape(n, kdim, p),
+                                        (((1,), (1,)), ((), ())))  # [O, N, P]
             y = jnp.transpose(y, (1, 0, 2))
         else:
-            y = lax.dot_general(w.reshape(g, o // g, kdim), cols.reshape(n, g, kdim, p),
-                                (((2,), (2,)), ((0,), (1,))), precision=PRECISION)  # [G, O/G, N, P]
+            y = self.config.dot_general(w.reshape(g, o // g, kdim), cols.reshape(n, g, kdim, p),
+                                        (((2,), (2,)), ((0,), (1,))))  # [G, O/G, N, P]
             y = jnp.transpose(y, (2, 0, 1, 3))
         return y.reshape((n, o) + self.out_spatial)
 
@@ -536,11 +537,10 @@ class Convolution(_BaseConvolution):
             n, _, _, c = x.shape
             wx = w.astype(x.dtype)
             if self.impl == "xla":
-                y = lax.conv_general_dilated(
+                y = self.config.conv_general_dilated(
                     x, jnp.transpose(wx, (2, 3, 1, 0)), self.stride,
                     [(q, q) for q in self.pad], rhs_dilation=self.dilation,
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g,
-                    precision=PRECISION)
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
                 if self.bias_term:
                     y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
                 tops.append(y)
@@ -549,7 +549,7 @@ class Convolution(_BaseConvolution):
                 wm = jnp.transpose(wx, (2, 3, 1, 0)).reshape(kh * kw * c, o)
                 geo = _conv_geometry(n, c, self.kernel, self.stride, self.dilation, self.pad,
                                      self.out_spatial, self.config.chunk_cols_elems)
-                y = _conv_nhwc(x, wm, geo)
+                y = _conv_nhwc(x, wm, geo, self.config)
                 if self.bias_term:
                     y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
                 tops.append(y)
@@ -565,13 +565,13 @@ class Convolution(_BaseConvolution):
             kk, cg, og = kh * kw, c // g, o // g
             if g == 1:
                 wm = jnp.transpose(wx, (2, 3, 1, 0)).reshape(kk * c, o)
-                y = lax.dot(cols.reshape(n * oh * ow, kk * c), wm, precision=PRECISION)
+                y = self.config.dot(cols.reshape(n * oh * ow, kk * c), wm)
             else:
                 cols = jnp.transpose(cols.reshape(n * oh * ow, kk, g, cg), (2, 0, 1, 3))
                 wm = jnp.transpose(wx.reshape(g, og, cg, kh, kw), (0, 3, 4, 2, 1))
-                y = lax.dot_general(cols.reshape(g, n * oh * ow, kk * cg),
-                                    wm.reshape(g, kk * cg, og), (((2,), (1,)), ((0,), (0,))),
-                                    precision=PRECISION)  # [G, N*P, O/G]
+                y = self.config.dot_general(cols.reshape(g, n * oh * ow, kk * cg),
+                                            wm.reshape(g, kk * cg, og),
+                                            (((2,), (1,)), ((0,), (0,))))  # [G, N*P, O/G]
                 y = jnp.transpose(y, (1, 0, 2))
             y = y.reshape(n, oh, ow, o)
             if self.bias_term:
@@ -610,9 +610,9 @@ class Deconvolution(_BaseConvolution):
         wc = jnp.swapaxes(wc, 1, 2).reshape((o, c // g) + self.kernel)
         wc = jnp.flip(wc, axis=tuple(range(2, 2 + nsp)))
         pads = [(self._extent(i) - 1 - self.pad[i],) * 2 for i in range(nsp)]
-        return lax.conv_general_dilated(
+        return self.config.conv_general_dilated(
             x, wc, (1,) * nsp, pads, lhs_dilation=self.stride, rhs_dilation=self.dilation,
-            feature_group_count=g, precision=PRECISION)
+            feature_group_count=g)
 
     def _col2im(self, x, w):
         n, c = x.shape[:2]
@@ -620,8 +620,8 @@ class Deconvolution(_BaseConvolution):
         offs = _offsets(self.kernel)
         kk = len(offs)
         p = count(self.in_spatial)
-        cols = lax.dot_general(w.reshape(g, c // g, o // g * kk), x.reshape(n, g, c // g, p),
-                               (((1,), (2,)), ((0,), (1,))), precision=PRECISION)
+        cols = self.config.dot_general(w.reshape(g, c // g, o // g * kk),
+                                       x.reshape(n, g, c // g, p), (((1,), (2,)), ((0,), (1,))))
         # [G, O/G*kk, N, P] -> [N, O, kk, *in_spatial]
         cols = jnp.transpose(cols.reshape(g, o // g, kk, n, p), (3, 0, 1, 2, 4))
         cols = cols.reshape((n, o, kk) + self.in_spatial)
