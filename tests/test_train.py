@@ -405,16 +405,17 @@ def test_logged_lr_is_the_rate_the_solver_applied(workdir, tmp_path):
     assert solver_mod.learning_rate(r.sp, 8) == pytest.approx(0.01)
 
 
-def test_solver_weights_test_compute_loss_and_debug_info(workdir, full_run):
+def test_solver_weights_test_compute_loss_and_debug_info(workdir, full_run, choices):
     """The solver's `weights` fine-tune the train net (and the test nets), `test_compute_loss`
     logs Caffe's `Test loss`, `debug_info` Caffe's per-layer means, `snapshot_diff` warns."""
-    model = workdir / "snap" / "tiny_iter_20.caffemodel"
+    model = snap_dir(workdir, choices) / "tiny_iter_20.caffemodel"
     t_full, _, _ = full_run
     stream = _Capture()
     log.setup(stream=stream)
     try:
         t = trainer(workdir, f'weights: "{model}"\ntest_compute_loss: true\ndebug_info: true\n'
-                    'snapshot_diff: true\n', max_iter=5, display=5, test_interval=5,
+                    'snapshot_diff: true\n', choices=choices, max_iter=5, display=5,
+                    test_interval=5,
                     snapshot=0, snapshot_after_train=False, base_lr=0.0, weight_decay=0.0)
         t.verbose = True
         assert_same_params(t.params, t_full.params)          # loaded before any iteration
