@@ -52,12 +52,17 @@ def allreduce_bytes(hlo: str) -> int:
 def child(net: str, devices: int, windows: int, per_call: int, repo: str) -> dict:
     """Runs inside a subprocess (its own device count and revision on sys.path)."""
     sys.path.insert(0, repo)
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import jax
 
-    import run as suite  # the main suite's dataset helpers (this tree's)
+    # jcaffe from `repo` first: run.py puts this tree on sys.path when it is imported.
     from jcaffe import prototxt
     from jcaffe.train import Trainer
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import run as suite  # the main suite's dataset helpers (this tree's)
+
+    assert os.path.dirname(os.path.dirname(os.path.abspath(prototxt.__file__))) == \
+        os.path.abspath(repo), prototxt.__file__
 
     os.chdir(suite._workdir_for(net))
     sp = prototxt.read_solver(suite.SOLVERS[net])
