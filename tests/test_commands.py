@@ -1,7 +1,6 @@
 """The Caffe-style commands: train (both spellings), test, time, device_query."""
 
 import logging
-import pathlib
 import subprocess
 import sys
 
@@ -122,10 +121,18 @@ def test_train_level_and_stage_select_the_train_net(work, tmp_path, capfd):
     assert "Creating Layer extra" in err
 
 
-def test_time_a_deploy_net_with_input_layers(capfd):
-    """A net fed by Input layers (the shipped LeNet deploy net) is timed on synthetic data."""
-    lenet = pathlib.Path(__file__).resolve().parents[1] / "prototxt" / "lenet.prototxt"
-    rc, _, err = run_cli(["time", f"--model={lenet}", "--iterations=1",
+DEPLOY = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 1 dim: 6 dim: 6 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 2 kernel_size: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "conv1" top: "prob" }
+"""
+
+
+def test_time_a_net_fed_by_input_layers(tmp_path, capfd):
+    """A net fed by Input layers (as the shipped LeNet deploy net) is timed on synthetic data."""
+    (tmp_path / "deploy.prototxt").write_text(DEPLOY)
+    rc, _, err = run_cli(["time", f"--model={tmp_path / 'deploy.prototxt'}", "--iterations=1",
                           "--phase=TEST"], capfd)
     assert rc == 0, err
     assert "conv1\tforward:" in err and "Average Forward pass:" in err
