@@ -433,6 +433,16 @@ class Trainer:
             resident_fn, host_fn = resident, host
         self._run_resident = jax.jit(resident_fn, static_argnums=(2,), donate_argnums=(0,))
         self._run_host = jax.jit(host_fn, donate_argnums=(0,))
+        net = self.net
+
+        def probe(params, batch, key):
+            loss, (blobs, _) = net.loss(params, batch, train=True, key=key)
+            return loss, blobs
+
+        # The end-of-training display and debug_info, on the root device's share of a batch.
+        self._forward_loss_fn = jax.jit(lambda p, b, k: probe(p, b, k)[0])
+        self._probe_fn = jax.jit(jax.value_and_grad(probe, has_aux=True))
+        self._batch_at_fn = jax.jit(lambda arrays, b: self._feeds["train"].batch_at(arrays, b, 0))
 
     def _call(self, fn, what: str, *args):
         """Calls a jitted program; logs when (and how long) it had to compile."""
@@ -740,8 +750,7 @@ class Trainer:
         if not feed.on_device:
             batch = feed.host_batch(b)
         else:
-            arrays = _root_copy(feed.arrays)
-            batch = jax.jit(feed.batch_at, static_argnums=(2,))(arrays, jnp.int32(b), 0)
+            batch = self._batch_at_fn(_root_copy(feed.arrays), jnp.int32(b))
         if self.ranks > 1 and not feed.on_device:
             # The root device's share of the global batch (block 0).
             batch = {k: np.asarray(v)[: np.asarray(v).shape[0] // self.ranks]
@@ -752,9 +761,8 @@ class Trainer:
         """The train net's loss on the next batch (Caffe's final display after training)."""
         batch = self._next_batch()
         key = jax.random.fold_in(jax.random.fold_in(self._step_key(), self._iter), 0)
-        fn = jax.jit(lambda p, b: self.net.loss(p, b, train=True, key=key)[0])
         with jax.default_device(self.root_device):
-            return float(fn(_root_copy(self.params), batch))
+            return float(self._forward_loss_fn(_root_copy(self.params), batch, key))
 
     def log_debug_info(self) -> None:
         """Caffe's ``debug_info``: mean absolute values of every layer's top data and of every
@@ -763,12 +771,8 @@ class Trainer:
         params = _root_copy(self.params)
         key = jax.random.fold_in(jax.random.fold_in(self._step_key(), self._iter), 0)
 
-        def probe(p):
-            loss, (blobs, _) = self.net.loss(p, batch, train=True, key=key)
-            return loss, blobs
-
         with jax.default_device(self.root_device):
-            (_, blobs), grads = jax.jit(jax.value_and_grad(probe, has_aux=True))(params)
+            (_, blobs), grads = self._probe_fn(params, batch, key)
             blobs, grads, params = jax.device_get((blobs, grads, params))
         asum = lambda x: float(np.mean(np.abs(np.asarray(x, np.float64))))  # noqa: E731
         for layer in self.net.layers:

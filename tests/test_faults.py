@@ -23,6 +23,7 @@ import pytest
 
 from jcaffe.caffemodel import load_caffemodel, read_solverstate
 from jcaffe.data.dataset import read_dataset, verify_dataset, write_dataset
+from tests.test_train import make_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 180
@@ -61,19 +62,10 @@ _FILE_TMP = re.compile(r"\.(.+?_iter_\d+\.(?:caffemodel|solverstate))\."
                        r"(?:(\d+)\.[0-9a-f]{8}\.tmp|tmp-(?:(\d+)-)?[0-9a-f]{12})")
 
 
-def _make_data(n, seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, n).astype(np.int32)
-    data = rng.integers(0, 60, (n, 1, 8, 8)).astype(np.uint8)
-    for i, c in enumerate(labels):
-        data[i, 0, 2 * c:2 * c + 3, 2:6] = 250
-    return data, labels
-
-
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     path = tmp_path_factory.mktemp("faults") / "train"
-    write_dataset(path, *_make_data(160, 0))
+    write_dataset(path, *make_data(160, 0))
     return path
 
 
