@@ -118,45 +118,45 @@ def batch_sharded(mesh: jax.sharding.Mesh, axis: int = 0) -> jax.sharding.NamedS
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
+def put_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array (the same on every process) as a global array of ``sharding``; each
+    process fills only its own devices' pieces."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def put_replicated(tree, mesh: jax.sharding.Mesh):
-    """Host (or single-device) arrays as arrays replicated on every device of ``mesh`` (also
-    across processes: each process supplies the same values)."""
+    """Host (or single-device) arrays replicated on every device of ``mesh``."""
     sharding = replicated(mesh)
 
     def put(x):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            impl = jax.random.key_impl(x)
             data = put(jax.random.key_data(x))
-            return jax.random.wrap_key_data(data, impl=impl)
-        x = np.asarray(jax.device_get(local_copy(x)))
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return put_global(np.asarray(jax.device_get(root_view(x))), sharding)
 
     return jax.tree.map(put, tree)
 
 
 def put_sharded(tree, mesh: jax.sharding.Mesh, axis: int = 0):
-    """Host arrays (the global batch, the same on every process) split along ``axis`` over
-    the mesh's data axis; each process fills only its own devices' pieces."""
+    """Host arrays (the global batch) split along ``axis`` over the mesh's data axis."""
     sharding = batch_sharded(mesh, axis)
+    return jax.tree.map(lambda x: put_global(np.asarray(x), sharding), tree)
 
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    return jax.tree.map(put, tree)
+def root_view(tree):
+    """(Replicated) arrays as this process's first device's copy, without copying: the root
+    solver's values, which Caffe tests, logs and snapshots."""
+    def one(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            return x.addressable_shards[0].data
+        return x
+
+    return jax.tree.map(one, tree)
 
 
 def local_copy(tree):
-    """Host copies of (replicated) arrays from this process's first device holding them: the
-    root solver's values, as Caffe snapshots them."""
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = x.addressable_shards[0].data
-        elif isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            x = x.addressable_shards[0].data
-        return np.asarray(jax.device_get(x))
-
-    return jax.tree.map(get, tree)
+    """Host (numpy) copies of ``root_view(tree)``."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), root_view(tree))
 
 
 def is_main_process() -> bool:

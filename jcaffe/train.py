@@ -199,16 +199,6 @@ def _int_seed(key: jax.Array) -> int:
     return int(jax.random.randint(key, (), 0, 2**31 - 1))
 
 
-def _root_copy(tree):
-    """Replicated arrays as this process's first device's copy (zero-copy views)."""
-    def one(x):
-        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            return x.addressable_shards[0].data
-        return x
-
-    return jax.tree.map(one, tree)
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer: Caffe's Solve loop
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +292,7 @@ class Trainer:
         self._feeds = None
         self.last_snapshot: str | None = None
         self._announced: set[str] = set()
+        self._test_fns: dict[int, Any] = {}  # test net index -> its jitted pass
         self._programs()
         if self.mesh is not None and verbose:
             _log.info("Data parallel on %d devices: batch %s per device; gradients averaged "
@@ -340,7 +331,7 @@ class Trainer:
         else:
             state = jax.device_put(state, self.root_device)
         self.state = state
-        self._iter = int(jax.device_get(_root_copy(state.iter)))
+        self._iter = int(jax.device_get(parallel.root_view(state.iter)))
 
     @property
     def params(self):
@@ -373,7 +364,7 @@ class Trainer:
 
     def test_params(self, i: int, params=None):
         """The test net's params: the train net's blobs for layers of the same name."""
-        return _share(_root_copy(self.params if params is None else params), self._test_own[i],
+        return _share(parallel.root_view(self.params if params is None else params), self._test_own[i],
                       self._test_share[i])
 
     # -- data --------------------------------------------------------------------------------
@@ -479,15 +470,12 @@ class Trainer:
 
     # -- testing -----------------------------------------------------------------------------
     def _test_fn(self, i: int):
-        if not hasattr(self, "_test_fns"):
-            self._test_fns = {}
         if i in self._test_fns:
             return self._test_fns[i]
         tn = self.test_nets[i]
         feed = self._feeds[i]
         own = self._test_own[i]
         share = self._test_share[i]
-        compute_loss = bool(self.sp.test_compute_loss)
         test_key = jax.random.fold_in(self._streams.test, 1_000_000 + i)
 
         def scores(params, batch, b):
@@ -495,9 +483,7 @@ class Trainer:
             loss, (blobs, _) = tn.loss(params, batch, train=False, frozen=False,
                                        key=jax.random.fold_in(test_key, b))
             out = {k: jnp.asarray(v, jnp.float32) for k, v in tn.outputs(blobs).items()}
-            if compute_loss:
-                out = {**out, "(test loss)": loss.astype(jnp.float32)}
-            return out
+            return out, loss.astype(jnp.float32)
 
         if feed.on_device:
             def run(train_params, arrays, b0, n):
@@ -521,9 +507,7 @@ class Trainer:
     def test(self, i: int = 0) -> dict[str, np.ndarray]:
         """Caffe's Solver::Test: the mean of each output of test net ``i`` over test_iter
         batches (not logged; ``test_all`` logs)."""
-        means = self._test_means(i, self._dispatch_test(i))
-        means.pop("(test loss)", None)
-        return means
+        return self._test_means(i, self._dispatch_test(i))[0]
 
     def _dispatch_test(self, i: int):
         """Queues test net ``i``'s pass on the root device; returns the (unsynchronised)
@@ -533,7 +517,7 @@ class Trainer:
         feed = self._feeds[i]
         fn = self._test_fn(i)
         b0 = self.tests_done * n  # Caffe's test reader continues where the last test stopped
-        params = _root_copy(self.params)
+        params = parallel.root_view(self.params)
         what = f"test net #{i}"
         with jax.default_device(self.root_device):
             if feed.on_device and self._test_scan:
@@ -547,9 +531,11 @@ class Trainer:
                 total = s if total is None else jax.tree.map(jnp.add, total, s)
             return total
 
-    def _test_means(self, i: int, total) -> dict[str, np.ndarray]:
+    def _test_means(self, i: int, total) -> tuple[dict[str, np.ndarray], float]:
+        """The outputs' means and the loss's (Caffe's ``Test loss``) over test_iter batches."""
         n = int(self.sp.test_iter[i])
-        return {k: np.asarray(v) / n for k, v in jax.device_get(total).items()}
+        outputs, loss = jax.device_get(total)
+        return {k: np.asarray(v) / n for k, v in outputs.items()}, float(loss) / n
 
     def test_all(self) -> list[dict[str, np.ndarray]]:
         return self._log_tests(self._iter, [self._dispatch_test(i)
@@ -559,9 +545,9 @@ class Trainer:
         results = []
         for i, total in enumerate(totals):
             _log.info("Iteration %d, Testing net (#%d)", it, i)
-            means = self._test_means(i, total)
-            if "(test loss)" in means:
-                _log.info("Test loss: %.6g", float(means.pop("(test loss)")))
+            means, loss = self._test_means(i, total)
+            if self.sp.test_compute_loss:
+                _log.info("Test loss: %.6g", loss)
             self._log_outputs("Test", self.test_nets[i], means)
             results.append(means)
         self.tests_done += 1
@@ -717,7 +703,7 @@ class Trainer:
     def _finish_chunk(self, start: int, n: int, metrics) -> None:
         """Reads a finished chunk's losses: divergence check, smoothing, Caffe's display."""
         sp = self.sp
-        losses = np.asarray(jax.device_get(_root_copy(metrics["loss"])))
+        losses = np.asarray(jax.device_get(parallel.root_view(metrics["loss"])))
         bad = np.flatnonzero(~np.isfinite(losses))
         if bad.size:
             raise SolverError(
@@ -726,7 +712,7 @@ class Trainer:
                 f"{self.last_snapshot or 'none'}")
         shown = [j for j in range(n) if sp.display and (start + j) % sp.display == 0]
         if shown:
-            outputs, rates = jax.device_get(_root_copy((metrics["outputs"], metrics["lr"])))
+            outputs, rates = jax.device_get(parallel.root_view((metrics["outputs"], metrics["lr"])))
         for j in range(n):
             it = start + j
             self.losses.append(float(losses[j]))
@@ -750,7 +736,7 @@ class Trainer:
         if not feed.on_device:
             batch = feed.host_batch(b)
         else:
-            batch = self._batch_at_fn(_root_copy(feed.arrays), jnp.int32(b))
+            batch = self._batch_at_fn(parallel.root_view(feed.arrays), jnp.int32(b))
         if self.ranks > 1 and not feed.on_device:
             # The root device's share of the global batch (block 0).
             batch = {k: np.asarray(v)[: np.asarray(v).shape[0] // self.ranks]
@@ -762,13 +748,13 @@ class Trainer:
         batch = self._next_batch()
         key = jax.random.fold_in(jax.random.fold_in(self._step_key(), self._iter), 0)
         with jax.default_device(self.root_device):
-            return float(self._forward_loss_fn(_root_copy(self.params), batch, key))
+            return float(self._forward_loss_fn(parallel.root_view(self.params), batch, key))
 
     def log_debug_info(self) -> None:
         """Caffe's ``debug_info``: mean absolute values of every layer's top data and of every
         parameter blob's data and gradient, on the next batch of the root device."""
         batch = self._next_batch()
-        params = _root_copy(self.params)
+        params = parallel.root_view(self.params)
         key = jax.random.fold_in(jax.random.fold_in(self._step_key(), self._iter), 0)
 
         with jax.default_device(self.root_device):

@@ -29,6 +29,7 @@ import numpy as np
 
 from jcaffe import log
 from jcaffe.errors import DataError
+from jcaffe.parallel import put_global
 
 _log = log.get_logger("data")
 
@@ -276,7 +277,7 @@ class DeviceResident:
 def _put(x: np.ndarray, device: Any) -> jax.Array:
     if isinstance(device, jax.sharding.Sharding):
         # Also for a mesh spanning processes: each fills its own devices from its copy.
-        return jax.make_array_from_callback(x.shape, device, lambda idx: x[idx])
+        return put_global(x, device)
     return jax.device_put(x, device)
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcaffe import parallel
 from jcaffe.errors import DataError
 
 
@@ -62,7 +63,7 @@ class NetFeed:
             for f, layer, arrays in zip(self.feeders, net.data_layers, self.arrays):
                 for top in f.tops:
                     if top in self._label_rules:
-                        check_labels(np.asarray(jax.device_get(_first(arrays[top]))), 0,
+                        check_labels(np.asarray(jax.device_get(parallel.root_view(arrays[top]))), 0,
                                      self._label_rules[top], layer)
 
     # -- device-resident ---------------------------------------------------------------------
@@ -123,12 +124,6 @@ class NetFeed:
     def close(self):
         for f in self.feeders:
             f.close()
-
-
-def _first(x):
-    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-        return x.addressable_shards[0].data
-    return x
 
 
 def _stack(batches: list[dict]) -> dict:
