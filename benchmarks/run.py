@@ -51,24 +51,28 @@ def _synthetic_dataset(root: str, name: str, n: int, shape, classes: int, seed: 
     return path
 
 
+def _link(target: str, link: str) -> None:
+    """``link`` -> ``target``, replacing a link left by another checkout."""
+    if os.path.islink(link) and os.readlink(link) != target:
+        os.unlink(link)
+    if not os.path.lexists(link):
+        os.symlink(target, link)
+
+
 def _workdir_for(net: str) -> str:
     """A folder laid out like the repository (prototxt/, datasets/) for the shipped solvers."""
     import numpy as np
 
     work = os.path.join(tempfile.gettempdir(), "jcaffe-bench")
     os.makedirs(work, exist_ok=True)
-    link = os.path.join(work, "prototxt")
-    if not os.path.exists(link):
-        os.symlink(os.path.join(REPO, "prototxt"), link)
+    _link(os.path.join(REPO, "prototxt"), os.path.join(work, "prototxt"))
     if net == "lenet":
         mnist = os.path.join(REPO, "datasets", "mnist")
         if not os.path.exists(os.path.join(mnist, "mnist_train")):
             from jcaffe.data import mnist as mnist_mod
             mnist_mod.create(mnist, log=lambda *a: None)
-        dst = os.path.join(work, "datasets", "mnist")
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if not os.path.exists(dst):
-            os.symlink(mnist, dst)
+        os.makedirs(os.path.join(work, "datasets"), exist_ok=True)
+        _link(mnist, os.path.join(work, "datasets", "mnist"))
     else:
         root = os.path.join(work, "datasets", "cifar10")
         os.makedirs(root, exist_ok=True)
@@ -86,9 +90,10 @@ SOLVERS = {"lenet": "prototxt/lenet_solver.prototxt",
 
 
 def child_step(net: str, backend: str, windows: int, per_call: int,
-               precision: str = "float32") -> dict:
+               precision: str = "float32", conv: str = "auto") -> dict:
     """Steady-state train-step time of the shipped solver's net (device-resident data), its
-    matmuls and convolutions in ``precision`` (``jcaffe.config.Config.precision``)."""
+    matmuls and convolutions in ``precision`` (``jcaffe.config.Config.precision``), its
+    convolutions in the formulation ``conv`` (``Config.conv``)."""
     import jax
 
     from jcaffe import prototxt
@@ -103,7 +108,7 @@ def child_step(net: str, backend: str, windows: int, per_call: int,
     sp.display = 0
     device = jax.devices(backend)[0]
     t = Trainer(sp, device=device, verbose=False, iters_per_call=per_call,
-                config=Config(precision=precision))
+                config=Config(precision=precision, conv=conv))
     t._setup_feeds()
     t0 = time.perf_counter()
     jax.block_until_ready(t.run_iterations(per_call)["loss"])
@@ -124,7 +129,9 @@ def child_step(net: str, backend: str, windows: int, per_call: int,
     batch = t.net.input_specs()["data"][0][0]
     flops = train_flops(t.net)
     return {"net": net, "backend": backend, "device": str(device), "batch": batch,
-            "iters_per_call": t.iters_per_call, "precision": precision, "compile_s": compile_s,
+            "iters_per_call": t.iters_per_call, "precision": precision,
+            "conv": sorted({t.net.conv_formulation(l) for l in t.net.layers
+                            if l.type == "Convolution"}), "compile_s": compile_s,
             "ms_per_iter_median": med, "ms_per_iter_min": min(times),
             "ms_per_iter_max": max(times), "images_per_s": batch * 1e3 / med,
             "test_pass_s": test_s, "test_compile_s": max(0.0, first_test - test_s),
@@ -341,10 +348,13 @@ def main(argv=None) -> int:
     say(f"GEMM peak: {res['gemm']}")
     for backend in backends:
         for net in ("lenet", "cifar10_quick"):
-            r = run_child("step", backend, net=net, backend=backend, windows=a.windows,
-                          per_call=100 if net == "lenet" else 20)
-            say(f"jcaffe {net} {backend}: {r}")
-            res["jcaffe"].append(r)
+            # On CPU the default (oneDNN's kernels where built) and the pure-JAX im2col
+            # formulation, back to back: the speed-up of the custom calls, same run.
+            for conv in ("auto", "im2col") if backend == "cpu" else ("auto",):
+                r = run_child("step", backend, net=net, backend=backend, windows=a.windows,
+                              per_call=100 if net == "lenet" else 20, conv=conv)
+                say(f"jcaffe {net} {backend} conv={conv}: {r}")
+                res["jcaffe"].append(dict(r, default=conv == "auto"))
         res["layers"][backend] = run_child("layers", backend, backend=backend)
     res["data"] = run_child("data")
     say(f"data path: {res['data']}")
@@ -380,6 +390,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def _jcaffe_label(r: dict) -> str:
+    return f"jcaffe ({'/'.join(r['conv'])})" if r.get("conv") else "jcaffe"
+
+
 def markdown(res: dict) -> str:
     info, gemm = res["machine"], res.get("gemm", {})
     lines = [f"## {info['cpu']} ({info['cores']} cores)" + (f", GPU {info['gpus'][0]}"
@@ -396,7 +410,7 @@ def markdown(res: dict) -> str:
             continue
         floor = r["gflop_per_iter"] / peak * 1e3 if peak and r["backend"] == "cpu" else None
         lines.append(
-            f"| jcaffe | {r['net']} | {r['backend']} | {r['compile_s']:.2f} | "
+            f"| {_jcaffe_label(r)} | {r['net']} | {r['backend']} | {r['compile_s']:.2f} | "
             f"{r['ms_per_iter_median']:.2f} ({r['ms_per_iter_min']:.2f}–{r['ms_per_iter_max']:.2f})"
             f" | {r['images_per_s']:.0f} | {r['test_pass_s']:.2f} | {r['peak_rss_mb']:.0f} | "
             + (f"{floor:.2f} | {floor / r['ms_per_iter_median']:.0%} |" if floor else "– | – |"))
@@ -408,13 +422,27 @@ def markdown(res: dict) -> str:
             f"| PyTorch {r['torch_version']} {r['mode']} | {r['net']} | cpu | {r['compile_s']:.2f} | "
             f"{r['ms_per_iter_median']:.2f} ({r['ms_per_iter_min']:.2f}–{r['ms_per_iter_max']:.2f})"
             f" | {r['images_per_s']:.0f} | – | – | – | – |")
-    jc = {(r.get("net"), r.get("backend")): r for r in res["jcaffe"] if "error" not in r}
+    jc = {(r.get("net"), r.get("backend")): r for r in res["jcaffe"]
+          if "error" not in r and r.get("default", True)}
     ratios = []
+    for r in res["jcaffe"]:
+        j = jc.get((r.get("net"), r.get("backend")))
+        if j and j is not r and "error" not in r:
+            ratios.append(f"- {r['net']}: jcaffe {'/'.join(r['conv'])} / jcaffe "
+                          f"{'/'.join(j['conv'])} = "
+                          f"{r['ms_per_iter_median'] / j['ms_per_iter_median']:.2f}x")
     for r in res["torch"]:
         j = jc.get((r.get("net"), "cpu"))
         if j and "error" not in r:
             ratios.append(f"- {r['net']}: PyTorch {r['mode']} / jcaffe CPU = "
                           f"{r['ms_per_iter_median'] / j['ms_per_iter_median']:.2f}x")
+    for net in ("lenet", "cifar10_quick"):
+        peers = [r for r in res["torch"] if r.get("net") == net and "error" not in r]
+        if (net, "cpu") in jc and peers:
+            best = min(peers, key=lambda r: r["ms_per_iter_median"])
+            ratios.append(f"- {net}: jcaffe CPU / the faster PyTorch ({best['mode']}) = "
+                          f"{jc[(net, 'cpu')]['ms_per_iter_median'] / best['ms_per_iter_median']:.2f}"
+                          f" (< 1 means jcaffe is faster)")
     for net in ("lenet", "cifar10_quick"):
         if (net, "cpu") in jc and (net, "gpu") in jc:
             ratios.append(f"- {net}: jcaffe CPU / GPU = {jc[(net, 'cpu')]['ms_per_iter_median'] / jc[(net, 'gpu')]['ms_per_iter_median']:.1f}x")
@@ -466,7 +494,7 @@ def chart(res: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [(f"jcaffe {r['backend']}", r["net"], r["ms_per_iter_median"])
+    rows = [(f"{_jcaffe_label(r)} {r['backend']}", r["net"], r["ms_per_iter_median"])
             for r in res["jcaffe"] if "error" not in r]
     rows += [(f"PyTorch {r['mode']}", r["net"], r["ms_per_iter_median"])
              for r in res["torch"] if "error" not in r]

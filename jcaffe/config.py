@@ -12,8 +12,13 @@ Fields (``"auto"`` picks what is fastest on ``platform``):
 * ``platform``: ``"cpu"``, ``"gpu"``, ``"tpu"``; ``None`` is JAX's default backend.
 * ``layout``: ``"NCHW"`` or ``"NHWC"``; auto is channels-last on CPU (im2col GEMMs with
   contiguous rows), NCHW elsewhere. Every interface stays Caffe's NCHW either way.
-* ``conv``: ``"im2col"`` or ``"xla"`` (``lax.conv_general_dilated``); auto is im2col on CPU
-  (XLA's CPU convolution is slow in the weight gradient) and xla elsewhere.
+* ``conv``: ``"onednn"``, ``"im2col"`` or ``"xla"`` (``lax.conv_general_dilated``). ``onednn``
+  runs 2-D channels-last float32 convolutions as oneDNN kernels called from XLA
+  (``jcaffe.onednn``; CPU only, when the package's extension is built); ``im2col`` is the
+  pure-JAX GEMM formulation. Auto on CPU is onednn where it applies and can run (not in bf16
+  precision, whose products it does not round), else im2col (XLA's CPU convolution is slow in
+  the weight gradient); xla elsewhere. Forced, onednn falls back to im2col for the layers it
+  does not cover (channels-first, 1-D/3-D, Deconvolution).
 * ``pool``: ``"slices"`` or ``"reduce_window"``; auto is slices on CPU, reduce_window elsewhere.
 * ``precision``: how every matmul and convolution of every layer multiplies (see below);
   ``"float32"`` (default, Caffe's numbers), ``"tf32"`` or ``"bf16"`` (opt-in speed on GPUs).
@@ -65,7 +70,7 @@ from typing import Any, Mapping
 from jcaffe.errors import JcaffeError
 
 LAYOUTS = ("NCHW", "NHWC")
-CONV_IMPLS = ("xla", "im2col")
+CONV_IMPLS = ("xla", "im2col", "onednn")
 POOL_IMPLS = ("reduce_window", "slices")
 PRECISIONS = ("float32", "tf32", "bf16")
 
@@ -119,13 +124,23 @@ class Config:
         pool = self.pool if self.pool != "auto" else ("slices" if cpu else "reduce_window")
         return dataclasses.replace(self, platform=platform, layout=layout, pool=pool)
 
-    def conv_for(self, cols_elems: int | None = None) -> str:
+    def conv_for(self, cols_elems: int | None = None, onednn_ok: bool = False) -> str:
         """The convolution formulation of a layer whose channels-first column matrix has
-        ``cols_elems`` elements (``None``: no size limit applies, e.g. channels-last)."""
+        ``cols_elems`` elements (``None``: no size limit applies, e.g. channels-last);
+        ``onednn_ok``: the layer is one the oneDNN kernels cover (2-D, channels-last)."""
+        if self.conv == "onednn":
+            if not onednn_ok:
+                return "im2col"
+            status = _onednn_status()
+            if not status.ok:
+                raise ConfigError(f"conv: onednn cannot run here: {status.detail}")
+            return "onednn"
         if self.conv != "auto":
             return self.conv
         if self.platform != "cpu":
             return "xla"
+        if onednn_ok and self.precision != "bf16" and _onednn_status().ok:
+            return "onednn"
         if cols_elems is not None and cols_elems > self.im2col_max_elems:
             return "xla"
         return "im2col"
@@ -178,6 +193,11 @@ class Config:
             bad = next((ENV[f] for f in ENV if str(e).startswith(f + ":") and f in values
                         and f not in overrides), None)
             raise ConfigError(f"{bad}: {e}" if bad else str(e)) from None
+
+
+def _onednn_status():
+    from jcaffe import onednn
+    return onednn.available()
 
 
 def _highest():

@@ -22,8 +22,9 @@ pass (BatchNorm's running sums) is explicit: ``apply(..., mutable=True)`` return
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -327,16 +328,25 @@ class Net:
         self.params_info[k] = info
 
     # -- the pure API -----------------------------------------------------------------------
-    def init(self, key: jax.Array) -> dict[str, list[jax.Array | None]]:
-        """Fresh parameters from the layers' fillers, one key per layer (fold_in by index)."""
+    def init(self, key: jax.Array, skip: Collection[str] = ()) -> dict[str, list[jax.Array | None]]:
+        """Fresh parameters from the layers' fillers, one key per layer (fold_in by index).
+
+        Layers (params keys) in ``skip`` get ``None`` blobs: a test net's layers that take the
+        train net's blobs (``shared_layer_keys``) need no filling of their own."""
+        skip = frozenset(skip)
+        if all(layer.name in skip for layer in self.layers if layer.blob_shapes):
+            return self._init(key, skip)
         # One compiled program for all fillers: op by op, each filler would compile on its own
         # (seconds of start-up for LeNet).
-        return jax.jit(self._init)(key)
+        return jax.jit(functools.partial(self._init, skip=skip))(key)
 
-    def _init(self, key: jax.Array) -> dict[str, list[jax.Array | None]]:
+    def _init(self, key: jax.Array, skip: frozenset = frozenset()) -> dict[str, list[jax.Array | None]]:
         params: dict[str, list[jax.Array | None]] = {}
         for i, layer in enumerate(self.layers):
             if not layer.blob_shapes:
+                continue
+            if layer.name in skip:
+                params[layer.name] = [None] * len(layer.blob_shapes)
                 continue
             blobs = layer.init(jax.random.fold_in(key, i))
             if layer.name in self._inline_blobs:

@@ -267,12 +267,15 @@ class Trainer:
             # Which train layer each test layer shares with (a NetError names a layer whose
             # blob counts or shapes differ).
             self._test_share = [tn.shared_layer_keys(self.net) for tn in self.test_nets]
+            if verbose:
+                self._log_formulation()
             self.tx = solver_mod.build_solver(sp, self.net)
             weights = list(sp.weights) if weights is None else (
                 [w for w in weights.split(",") if w] if isinstance(weights, str) else list(weights))
             params = self.net.init(streams.init)
-            self._test_own = [tn.init(jax.random.fold_in(streams.test, i))
-                              for i, tn in enumerate(self.test_nets)]
+            self._test_own = [tn.init(jax.random.fold_in(streams.test, i), skip=share)
+                              for i, (tn, share) in enumerate(zip(self.test_nets,
+                                                                  self._test_share))]
             if weights:
                 params = self.load_weights(params, weights)
             # One compiled program for all history buffers (op by op, each shape compiles
@@ -361,6 +364,22 @@ class Trainer:
             self._test_own = [tn.copy_from(own, source, filename=w)
                               for tn, own in zip(self.test_nets, self._test_own)]
         return params
+
+    def _log_formulation(self) -> None:
+        """Says how the convolutions run, and on CPU why not as oneDNN kernels if not."""
+        from jcaffe import onednn
+
+        convs = sorted({self.net.conv_formulation(l) for l in self.net.layers
+                        if l.type in ("Convolution", "Deconvolution")})
+        if not convs:
+            return
+        status = onednn.available() if self.config.platform == "cpu" else None
+        why = ""
+        if "onednn" in convs:
+            why = f" ({status.detail})"
+        elif status is not None and not status.ok:
+            why = f" (oneDNN kernels not used: {status.detail})"
+        _log.info("Convolutions run as %s%s", ", ".join(convs), why)
 
     def test_params(self, i: int, params=None):
         """The test net's params: the train net's blobs for layers of the same name."""

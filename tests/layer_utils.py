@@ -13,18 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 from google.protobuf import text_format
 
+from jcaffe import onednn
 from jcaffe.config import Config
 from jcaffe.layers.base import Context, layer_class
 from jcaffe.proto import caffe_pb2
 
 PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
 
-# The execution choices of each platform, both run by the tests on the CPU: the CPU's own
-# (channels-last im2col convolutions, slice pooling, XLA convolutions one step per dispatch)
-# and a GPU's (NCHW, XLA convolutions and reduce_window pooling inside ``lax.scan``, many
-# iterations per dispatch, which the CPU would not pick: only slower there, not different).
+# The execution choices of each platform, all run by the tests on the CPU: the CPU's own
+# (channels-last convolutions as oneDNN kernels where the package built them, and in pure
+# JAX's im2col formulation, its fallback; slice pooling) and a GPU's (NCHW, XLA convolutions
+# and reduce_window pooling inside ``lax.scan``, many iterations per dispatch, which the CPU
+# would not pick: only slower there, not different).
 CHOICES = {"cpu": Config(layout="NHWC", conv="im2col", pool="slices"),
            "gpu": Config(layout="NCHW", conv="xla", pool="reduce_window", scan=True)}
+if onednn.available().ok:
+    CHOICES["cpu-onednn"] = Config(layout="NHWC", conv="onednn", pool="slices")
 
 # The execution config layers are built with; formulation fixtures replace it (monkeypatch).
 CONFIG = Config()

@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 
 import layer_utils
+from jcaffe import onednn
 from jcaffe.config import Config
 from jcaffe.errors import JcaffeError, LayerError
 from jcaffe.layers import vision
 from jcaffe.layers.base import Context
 from layer_utils import check_gradient, make_layer, run
 
-CONV_IMPLS = list(vision.CONV_IMPLS)
+# The channels-first formulations; the oneDNN kernels (channels-last only) have their own tests
+# in test_onednn.py.
+CONV_IMPLS = [impl for impl in vision.CONV_IMPLS if impl != "onednn"]
 POOL_IMPLS = list(vision.POOL_IMPLS)
 
 
@@ -385,9 +388,11 @@ def test_conv_keeps_dtype_and_jits(conv_impl, ltype):
 def test_formulation_comes_from_the_config():
     body = "type: 'Convolution' convolution_param { num_output: 1 kernel_size: 1 }"
     pool = "type: 'Pooling' pooling_param { kernel_size: 2 }"
-    # auto: im2col and slices on the CPU backend, xla and reduce_window elsewhere.
+    # auto: oneDNN's kernels (im2col where they were not built) and slices on the CPU
+    # backend, xla and reduce_window elsewhere.
     cpu, gpu = Config(platform="cpu"), Config(platform="gpu")
-    assert make_layer(body, [(1, 1, 2, 2)], config=cpu).impl == "im2col"
+    cpu_conv = "onednn" if onednn.available().ok else "im2col"
+    assert make_layer(body, [(1, 1, 2, 2)], config=cpu).impl == cpu_conv
     assert make_layer(pool, [(1, 1, 2, 2)], config=cpu).impl == "slices"
     assert make_layer(body, [(1, 1, 2, 2)], config=gpu).impl == "xla"
     assert make_layer(pool, [(1, 1, 2, 2)], config=gpu).impl == "reduce_window"

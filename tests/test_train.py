@@ -135,6 +135,8 @@ def test_choices_run_as_intended(full_run, choices):
     convs = {t.net.conv_formulation(l) for l in t.net.layers if l.type == "Convolution"}
     if choices == "gpu":  # XLA convolutions inside lax.scan, NCHW
         assert t.net.layout == "NCHW" and convs == {"xla"} and t.iters_per_call > 1
+    elif choices == "cpu-onednn":  # oneDNN's kernels inside lax.scan
+        assert t.net.layout == "NHWC" and convs == {"onednn"} and t.iters_per_call > 1
     else:
         assert t.net.layout == "NHWC" and convs == {"im2col"}
 

@@ -3,10 +3,12 @@
 Shapes, blob layouts, output-size rules and numerics are Caffe's. Two interchangeable
 formulations exist for convolution and pooling, chosen statically when a layer is built:
 
-* convolution: ``"xla"`` (``lax.conv_general_dilated``) or ``"im2col"`` (one strided slice per
+* convolution: ``"xla"`` (``lax.conv_general_dilated``), ``"im2col"`` (one strided slice per
   kernel offset stacked into columns, then one ``dot_general`` per group, as Caffe's own CPU
-  path does). XLA's CPU convolutions are slow in the weight gradient, im2col is about twice as
-  fast there.
+  path does) or, for 2-d channels-last float32 convolutions on CPU, ``"onednn"`` (oneDNN's
+  JIT-compiled convolution kernels called from XLA, ``jcaffe.onednn``). XLA's CPU convolutions
+  are slow in the weight gradient, im2col is about twice as fast there, and oneDNN's kernels
+  2.5x faster again on CIFAR-10 quick (``benchmarks/README.md``).
 * pooling: ``"slices"`` (one strided slice per window offset; a running strict ``>`` max picks
   the first maximum of a window like Caffe, and the running sum adds in Caffe's order) or
   ``"reduce_window"`` (``lax.reduce_window``). On CPU the slices are the faster of the two.
@@ -19,8 +21,9 @@ pooling is a reshape + max whose hand-written gradient goes to the first maximum
 window, as Caffe's mask does.
 
 The formulations come from the layer's ``config`` (``jcaffe.config.Config``: ``conv`` and
-``pool``, ``"auto"`` meaning im2col and slices on the CPU backend, xla and reduce_window
-elsewhere); a built layer keeps its choice in ``layer.impl``. Every convolution and GEMM
+``pool``, ``"auto"`` meaning onednn where it applies and was built, else im2col, and slices on
+the CPU backend, xla and reduce_window elsewhere); a built layer keeps its choice in
+``layer.impl``. Every convolution and GEMM
 multiplies in ``config.precision`` (``Config.dot_general`` / ``Config.conv_general_dilated``:
 full float32 by default, as Caffe).
 """
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jcaffe import onednn
 from jcaffe.config import CONV_IMPLS, POOL_IMPLS  # noqa: F401  (re-exported)
 from jcaffe.layers.base import Layer, Shape, count, register
 from jcaffe.proto import caffe_pb2
@@ -405,7 +409,8 @@ class _BaseConvolution(Layer):
         # `impl` is the layer's formulation; `nchw_impl` the one its channels-first path
         # uses, which falls back to XLA's convolution for large column matrices (XLA's CPU
         # convolution is only fast outside loops: see `scan_ok`).
-        self.impl = self.config.conv_for(None if self.nhwc_ok or self.reverse else cols_elems)
+        self.impl = self.config.conv_for(None if self.nhwc_ok or self.reverse else cols_elems,
+                                         onednn_ok=self.nhwc_ok)
         self.nchw_impl = self.config.conv_for(None if self.reverse else cols_elems)
         top = tuple(shape[:self.axis]) + (self.num_output,) + self.out_spatial
         return [top] * len(bottom_shapes)
@@ -536,6 +541,13 @@ class Convolution(_BaseConvolution):
         for x in bottoms:
             n, _, _, c = x.shape
             wx = w.astype(x.dtype)
+            if self.impl == "onednn" and x.dtype == jnp.float32:
+                spec = onednn.ConvSpec(self.stride, self.pad, self.dilation, g)
+                y = onednn.conv2d(x, w.astype(x.dtype), spec)
+                if self.bias_term:
+                    y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
+                tops.append(y)
+                continue
             if self.impl == "xla":
                 y = self.config.conv_general_dilated(
                     x, jnp.transpose(wx, (2, 3, 1, 0)), self.stride,
