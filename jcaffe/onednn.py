@@ -97,8 +97,8 @@ _LIBRARY: list = []  # the loaded extension, once available() succeeded
 
 
 def plans() -> list[str]:
-    """The convolutions run so far in this process, one line each: pass, shape, the oneDNN
-    implementation chosen for it (the fastest when first timed) and its time then."""
+    """The convolutions run so far in this process, one line each: pass, shape and the oneDNN
+    implementation that runs it (oneDNN's first choice for this machine: deterministic)."""
     if not available().ok:
         return []
     return _LIBRARY[0].jcaffe_onednn_plans().decode().splitlines()

@@ -11,6 +11,7 @@ The references are written from Caffe's definition, in float64:
 """
 
 import platform
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,8 @@ def test_kernels_are_built_where_the_package_promises_them():
     # leave every other test here skipped.
     if not LINUX_X86:
         pytest.skip("the oneDNN kernels are built on Linux x86-64 only")
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the install went on without the kernels, as designed")
     assert STATUS.ok, STATUS.detail
     assert STATUS.detail.startswith("oneDNN 3.")
 
@@ -255,7 +258,10 @@ def test_plans_name_the_chosen_implementation():
     x, w, geo, spec, _ = _case(GEOMETRIES[0])
     jax.block_until_ready(onednn.conv2d(jnp.asarray(x), jnp.asarray(w), spec))
     lines = [l for l in onednn.plans() if l.startswith("forward n2 7x7x3 -> 4 k3x3")]
-    assert len(lines) == 1 and "ms; timed:" in lines[0]
+    assert len(lines) == 1, onednn.plans()
+    # A JIT kernel for this machine, not oneDNN's reference loops (orders of magnitude slower).
+    impl = lines[0].split(": ", 1)[1]
+    assert impl and not impl.startswith("ref"), impl
 
 
 @needs_onednn
