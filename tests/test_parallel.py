@@ -168,7 +168,12 @@ def test_two_processes_give_the_weights_of_one(runs, lenet):
               "--num_processes", "2", "--heartbeat_timeout", "20"]
     procs = [run([str(solver), *common, "--process_id", str(i)], 2) for i in range(2)]
     logs = finish(procs, timeout=240)
-    assert rel_diff(weights(d, "multi"), weights(d, "four")) <= 1e-5
+    # Float32 summation order differs between the layouts (the cross-process all-reduce, and
+    # oneDNN's OpenMP-threaded reductions, whose split differs between one process driving 4
+    # devices and two driving 2: 9.9e-5 after 30 iterations; 1e-5 with OMP_NUM_THREADS=1 or
+    # im2col convolutions). A wrong split of the batch differs by more than 1e-2 (the 1 x 16
+    # run of test_four_devices_batch_16_equal_one_device_batch_64).
+    assert rel_diff(weights(d, "multi"), weights(d, "four")) <= 1e-3
     assert "Optimization Done" in logs[0] and "Optimization Done" not in logs[1]
     assert not list((d / "multi").glob("*.tmp*"))
 
