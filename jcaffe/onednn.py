@@ -66,16 +66,16 @@ def _libdnnl() -> pathlib.Path | None:
 
 
 @functools.cache
-def available() -> Status:
+def _load() -> tuple[Status, ctypes.CDLL | None]:
     """Loads oneDNN and the extension and registers the custom calls with XLA, once per
-    process. Never raises: a missing piece is a ``Status(False, why)``."""
+    process (the cache is the one record of it). Never raises."""
     ext = _extension()
     if ext is None:
         return Status(False, "the extension jcaffe/_onednn was not built (reinstall jcaffe "
-                             "with a C++ compiler: pip install -e .)")
+                             "with a C++ compiler: pip install -e .)"), None
     lib = _libdnnl()
     if lib is None:
-        return Status(False, f"oneDNN ({_DIST}, {_SONAME}) is not installed")
+        return Status(False, f"oneDNN ({_DIST}, {_SONAME}) is not installed"), None
     try:
         # The extension links against libdnnl by soname: loaded first (and globally), the
         # library is found without an rpath, wherever pip put it.
@@ -88,20 +88,21 @@ def available() -> Status:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(so, name)),
                                         platform="cpu")
     except (OSError, AttributeError) as e:
-        return Status(False, f"could not load {ext.name}: {e}")
-    _LIBRARY.append(so)
-    return Status(True, f"oneDNN {version}")
+        return Status(False, f"could not load {ext.name}: {e}"), None
+    return Status(True, f"oneDNN {version}"), so
 
 
-_LIBRARY: list = []  # the loaded extension, once available() succeeded
+def available() -> Status:
+    """Whether the kernels can run here (loading and registering them on the first call):
+    a missing piece is a ``Status(False, why)``, never an exception."""
+    return _load()[0]
 
 
 def plans() -> list[str]:
     """The convolutions run so far in this process, one line each: pass, shape and the oneDNN
     implementation that runs it (oneDNN's first choice for this machine: deterministic)."""
-    if not available().ok:
-        return []
-    return _LIBRARY[0].jcaffe_onednn_plans().decode().splitlines()
+    status, so = _load()
+    return so.jcaffe_onednn_plans().decode().splitlines() if status.ok else []
 
 
 class ConvSpec(NamedTuple):

@@ -45,14 +45,19 @@ def out_hw(geo, h, w):
             (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1)
 
 
+def _setup(x, w, geo):
+    """(groups, output channels per group, input channels per group, the zero-padded x)."""
+    c, (o, cg) = x.shape[3], w.shape[:2]
+    g = c // cg
+    (ph, pw) = geo["pad"]
+    return g, o // g, cg, np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+
+
 def conv_ref(x, w, geo):
     """Caffe's convolution, channels-last, float64."""
-    n, h, wd, c = x.shape
-    o, cg, _, _ = w.shape
-    g = c // cg
-    og = o // g
-    (ph, pw) = geo["pad"]
-    xp = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    n, h, wd, _ = x.shape
+    o = w.shape[0]
+    g, og, cg, xp = _setup(x, w, geo)
     oh, ow = out_hw(geo, h, wd)
     y = np.zeros((n, oh, ow, o))
     for i, j, rows, cols in _windows(geo, h, wd):
@@ -66,12 +71,9 @@ def conv_ref(x, w, geo):
 
 def conv_vjp_ref(x, w, dy, geo):
     """(dx, dw) of Caffe's convolution for the output gradient ``dy``, float64."""
-    n, h, wd, c = x.shape
-    o, cg, _, _ = w.shape
-    g = c // cg
-    og = o // g
+    h, wd = x.shape[1:3]
     (ph, pw) = geo["pad"]
-    xp = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    g, og, cg, xp = _setup(x, w, geo)
     dxp = np.zeros_like(xp)
     dw = np.zeros(w.shape)
     dy = dy.astype(np.float64)

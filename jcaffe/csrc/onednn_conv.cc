@@ -103,6 +103,7 @@ struct Plan {
   dnnl::primitive op;
   memory::desc weights;  // the primitive's weight (or weight-gradient) layout
   std::unique_ptr<dnnl::reorder> reorder;
+  memory reordered;      // the weights (or their gradient) in the primitive's layout
   memory::desc scratchpad, reorder_scratchpad;  // what each needs of the shared scratchpad
   std::string impl;      // oneDNN's name of the implementation
 };
@@ -122,7 +123,8 @@ enum Pass : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 // Runs `plan` once on the given memories (the Caffe-layout weights in `user`).
 void Execute(const Plan& plan, Pass pass, dnnl::stream& stream, memory& src, memory& dst,
              memory& user) {
-  memory weights = plan.reorder ? memory(plan.weights, Engine()) : user;
+  // The plan's own weight buffer in the kernel's layout (calls are serialised).
+  memory weights = plan.reorder ? plan.reordered : user;
   void* buffer = ScratchBuffer(std::max(plan.scratchpad.get_size(),
                                         plan.reorder_scratchpad.get_size()));
   memory scratch(plan.scratchpad, Engine(), buffer);
@@ -167,6 +169,7 @@ Plan MakePlan(const Geometry& g, const dnnl::primitive_desc& pd, Pass pass) {
                  : dnnl::reorder::primitive_desc(Engine(), user, Engine(), plan.weights, Attr());
     plan.reorder = std::make_unique<dnnl::reorder>(r);
     plan.reorder_scratchpad = r.scratchpad_desc();
+    plan.reordered = memory(plan.weights, Engine());
   }
   return plan;
 }

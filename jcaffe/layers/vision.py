@@ -532,64 +532,48 @@ class Convolution(_BaseConvolution):
 
     def apply_nhwc(self, blobs, bottoms, ctx):
         """The same convolution on [N, H, W, C] bottoms: columns ``[N*OH*OW, kh*kw*C/g]``
-        (kernel offset major, channel minor) times the weight as ``[kh*kw*C/g, O/g]``."""
-        w = blobs[0]
+        (kernel offset major, channel minor) times the weight as ``[kh*kw*C/g, O/g]``, or
+        oneDNN's kernels, or XLA's convolution (``self.impl``)."""
+        tops = []
+        for x in bottoms:
+            y = self._product_nhwc(x, blobs[0].astype(x.dtype))
+            if self.bias_term:
+                y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, self.num_output)
+            tops.append(y)
+        return tops
+
+    def _product_nhwc(self, x, w):
         g, o = self.group, self.num_output
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         (oh, ow) = self.out_spatial
-        tops = []
-        for x in bottoms:
-            n, _, _, c = x.shape
-            wx = w.astype(x.dtype)
-            if self.impl == "onednn" and x.dtype == jnp.float32:
-                spec = onednn.ConvSpec(self.stride, self.pad, self.dilation, g)
-                y = onednn.conv2d(x, w.astype(x.dtype), spec)
-                if self.bias_term:
-                    y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
-                tops.append(y)
-                continue
-            if self.impl == "xla":
-                y = self.config.conv_general_dilated(
-                    x, jnp.transpose(wx, (2, 3, 1, 0)), self.stride,
-                    [(q, q) for q in self.pad], rhs_dilation=self.dilation,
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
-                if self.bias_term:
-                    y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
-                tops.append(y)
-                continue
-            if g == 1:
-                wm = jnp.transpose(wx, (2, 3, 1, 0)).reshape(kh * kw * c, o)
-                geo = _conv_geometry(n, c, self.kernel, self.stride, self.dilation, self.pad,
-                                     self.out_spatial, self.config.chunk_cols_elems)
-                y = _conv_nhwc(x, wm, geo, self.config)
-                if self.bias_term:
-                    y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
-                tops.append(y)
-                continue
-            if any(self.pad):
-                x = lax.pad(x, jnp.zeros((), x.dtype),
-                            [(0, 0, 0)] + [(q, q, 0) for q in self.pad] + [(0, 0, 0)])
-            pieces = [lax.slice(x, (0, i * dh, j * dw, 0),
-                                (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c),
-                                (1, sh, sw, 1))
-                      for i in range(kh) for j in range(kw)]
-            cols = pieces[0] if len(pieces) == 1 else jnp.stack(pieces, axis=3)
-            kk, cg, og = kh * kw, c // g, o // g
-            if g == 1:
-                wm = jnp.transpose(wx, (2, 3, 1, 0)).reshape(kk * c, o)
-                y = self.config.dot(cols.reshape(n * oh * ow, kk * c), wm)
-            else:
-                cols = jnp.transpose(cols.reshape(n * oh * ow, kk, g, cg), (2, 0, 1, 3))
-                wm = jnp.transpose(wx.reshape(g, og, cg, kh, kw), (0, 3, 4, 2, 1))
-                y = self.config.dot_general(cols.reshape(g, n * oh * ow, kk * cg),
-                                            wm.reshape(g, kk * cg, og),
-                                            (((2,), (1,)), ((0,), (0,))))  # [G, N*P, O/G]
-                y = jnp.transpose(y, (1, 0, 2))
-            y = y.reshape(n, oh, ow, o)
-            if self.bias_term:
-                y = y + blobs[1].astype(x.dtype).reshape(1, 1, 1, o)
-            tops.append(y)
-        return tops
+        n, _, _, c = x.shape
+        if self.impl == "onednn" and x.dtype == jnp.float32:
+            return onednn.conv2d(x, w, onednn.ConvSpec(self.stride, self.pad, self.dilation, g))
+        if self.impl == "xla":
+            return self.config.conv_general_dilated(
+                x, jnp.transpose(w, (2, 3, 1, 0)), self.stride, [(q, q) for q in self.pad],
+                rhs_dilation=self.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=g)
+        if g == 1:
+            wm = jnp.transpose(w, (2, 3, 1, 0)).reshape(kh * kw * c, o)
+            geo = _conv_geometry(n, c, self.kernel, self.stride, self.dilation, self.pad,
+                                 self.out_spatial, self.config.chunk_cols_elems)
+            return _conv_nhwc(x, wm, geo, self.config)
+        if any(self.pad):
+            x = lax.pad(x, jnp.zeros((), x.dtype),
+                        [(0, 0, 0)] + [(q, q, 0) for q in self.pad] + [(0, 0, 0)])
+        pieces = [lax.slice(x, (0, i * dh, j * dw, 0),
+                            (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c),
+                            (1, sh, sw, 1))
+                  for i in range(kh) for j in range(kw)]
+        cols = pieces[0] if len(pieces) == 1 else jnp.stack(pieces, axis=3)
+        kk, cg, og = kh * kw, c // g, o // g
+        cols = jnp.transpose(cols.reshape(n * oh * ow, kk, g, cg), (2, 0, 1, 3))
+        wm = jnp.transpose(w.reshape(g, og, cg, kh, kw), (0, 3, 4, 2, 1))
+        y = self.config.dot_general(cols.reshape(g, n * oh * ow, kk * cg),
+                                    wm.reshape(g, kk * cg, og),
+                                    (((2,), (1,)), ((0,), (0,))))  # [G, N*P, O/G]
+        return jnp.transpose(y, (1, 0, 2)).reshape(n, oh, ow, o)
 
 
 @register("Deconvolution")
