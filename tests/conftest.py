@@ -1,6 +1,9 @@
 """Test configuration: several virtual CPU devices, strict promotion, float64 available."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must precede the first jax import: four virtual CPU devices for the multi-device paths.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -11,6 +14,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 _platform = os.environ.get("JCAFFE_TEST_PLATFORM", "cpu")
 _platform = "cuda" if _platform == "gpu" else _platform
 os.environ.setdefault("JAX_PLATFORMS", "cpu" if _platform == "cpu" else f"{_platform},cpu")
+
+# One persistent XLA compilation cache for the whole run, shared by this process and the
+# command-line subprocesses the tests start (they inherit the environment): a program that
+# several tests build (the LeNet step, say) compiles once per run instead of once per test.
+# Programs with host callbacks (Python layers) are never cached, by JAX's own rule.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="jcaffe-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _xla_cache, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 

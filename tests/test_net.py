@@ -291,7 +291,7 @@ def test_channels_last_layout_matches_nchw(impl):
     def objective(net):
         return lambda p: sum(jnp.sum(v * v) for k, v in net.apply(p, {"x": x}).items()
                              if k in ("ip", "p3"))
-    ga, gb = jax.grad(objective(a))(params), jax.grad(objective(b))(params)
+    ga, gb = jax.jit(jax.grad(objective(a)))(params), jax.jit(jax.grad(objective(b)))(params)
     for name in gb:
         for u, v in zip(ga[name], gb[name]):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()), err_msg=name)
