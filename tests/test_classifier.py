@@ -271,6 +271,26 @@ def test_extract_features(lenet, test_net, tmp_path, backend):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_extract_features_mirrors_at_test_time(lenet, tmp_path):
+    # Caffe mirrors at random in the TEST phase too (do_mirror = mirror() && Rand(2)): the
+    # TEST net is applied with a key, and each item is its digit, scaled, or its mirror image.
+    d = lenet["dir"]
+    net = (d / "net.prototxt").read_text()
+    (tmp_path / "net.prototxt").write_text(
+        net.replace("scale: 0.00390625", "scale: 0.00390625 mirror: true"))
+    assert net.count("scale: 0.00390625") == 2
+    db = tmp_path / "data_db"
+    assert cli.main(["extract_features", str(lenet["weights"]), str(tmp_path / "net.prototxt"),
+                     "data", str(db), "1", "--backend", "tensorstore"]) == 0
+    src = read_dataset(str(db))
+    got = np.asarray(src.read(0, 100)[0])
+    src.close()
+    x = lenet["images"][:100].astype(np.float32) * np.float32(SCALE)
+    same = np.all(got == x, axis=(1, 2, 3))
+    flipped = np.all(got == x[..., ::-1], axis=(1, 2, 3))
+    assert np.all(same | flipped) and 20 < flipped.sum() < 80
+
+
 def test_extract_features_errors(lenet, tmp_path, capsys):
     d = lenet["dir"]
     base = ["extract_features", str(lenet["weights"]), str(d / "net.prototxt")]
