@@ -210,7 +210,9 @@ def tiny(cmd: Command) -> list:
     batches for ``extract_features``."""
     argv = list(cmd.argv)
     name = cmd.argv[0] if cmd.kind == "cli" else cmd.module
-    if name in ("train", "jcaffe.train", "test", "time"):
+    # `python -m jcaffe.<module> ...solver.prototxt`: a training run, whatever the module
+    trains = cmd.kind == "module" and any(re.search(r"solver[^/]*\.prototxt$", a) for a in argv)
+    if name in ("train", "test", "time") or trains:
         argv = [a for i, a in enumerate(argv)
                 if not a.startswith(("--iterations", "-iterations"))
                 and not (i and argv[i - 1] in ("--iterations", "-iterations"))]
