@@ -21,10 +21,9 @@ import traceback
 
 
 def _reset_logging():
-    for name in ("jcaffe",):
-        logger = logging.getLogger(name)
-        for h in list(logger.handlers):
-            logger.removeHandler(h)
+    logger = logging.getLogger("jcaffe")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
 
 
 def _exec_python(code: str, line: int):
@@ -68,7 +67,6 @@ def _run_module(name, argv):
 
 def run_task(task: dict) -> dict:
     out, err = io.StringIO(), io.StringIO()
-    files = []
     t0 = time.perf_counter()
     result = {"id": task["id"], "ok": False, "error": "", "stdout": ""}
     try:
@@ -99,7 +97,6 @@ def run_task(task: dict) -> dict:
     except BaseException as e:  # noqa: BLE001 - reported to the test
         _reset_logging()
         result["error"] = "".join(traceback.format_exception(e))[-3000:]
-    del files
     result["stdout"] = out.getvalue()
     text = err.getvalue()
     if task.get("stderr"):
