@@ -67,7 +67,7 @@ def _run_module(name, argv):
 
 def run_task(task: dict) -> dict:
     out, err = io.StringIO(), io.StringIO()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = {"id": task["id"], "ok": False, "error": "", "stdout": ""}
     try:
         with contextlib.ExitStack() as stack:
@@ -106,6 +106,7 @@ def run_task(task: dict) -> dict:
         result["error"] = (result["error"] + "\nstderr (last lines):\n"
                            + "\n".join(text.splitlines()[-15:]))
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["cpu_seconds"] = round(time.process_time() - c0, 2)
     return result
 
 
