@@ -183,6 +183,22 @@ def test_transformer_preprocess():
         t.preprocess("image", im)
 
 
+def test_forward_refills_random_dummy_data(tmp_path):
+    # Caffe's TEST-phase forward refills a DummyData top with a random filler at every pass.
+    net = tmp_path / "noise.prototxt"
+    net.write_text("""
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 1 dim: 8 dim: 8 } } }
+    layer { name: "noise" type: "DummyData" top: "noise"
+            dummy_data_param { shape { dim: 2 dim: 1 dim: 8 dim: 8 } data_filler { type: "gaussian" std: 1 } } }
+    layer { name: "sum" type: "Eltwise" bottom: "data" bottom: "noise" top: "sum" }
+    """)
+    c = Classifier(str(net), None)
+    a = c.forward_all(data=np.ones((2, 1, 8, 8), np.float32))["sum"]
+    b = c.forward_all(data=np.ones((2, 1, 8, 8), np.float32))["sum"]
+    assert not np.array_equal(a, b)
+    assert abs(a.mean() - 1) < 0.4 and 0.6 < a.std() < 1.4
+
+
 def test_classify_command(lenet, clf, tmp_path, capsys):
     out = tmp_path / "probs.npy"
     labels = tmp_path / "labels.txt"
