@@ -21,6 +21,7 @@ _LAZY = {
     "upgrade_solver": "jcaffe.upgrade",
     "filter_net": "jcaffe.netstate",
     "Net": "jcaffe.net",
+    "Config": "jcaffe.config",
     "load_caffemodel": "jcaffe.caffemodel",
     "save_caffemodel": "jcaffe.caffemodel",
     "build_solver": "jcaffe.solver",

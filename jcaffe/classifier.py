@@ -306,7 +306,10 @@ class Classifier:
         if np.any(self.image_dims < self.crop_dims):
             raise JcaffeError(f"image_dims {list(self.image_dims)} smaller than the net's input "
                               f"{list(self.crop_dims)}")
-        self._forward = jax.jit(lambda p, x: self.net.apply(p, x, train=False))
+        # A key per forward pass: Caffe's TEST net draws at every pass too (DummyData's random
+        # fillers, mirror: true).
+        self._forward = jax.jit(lambda p, x, k: self.net.apply(p, x, train=False, key=k))
+        self._key, self._passes = jax.random.key(0), 0
 
     @property
     def batch_size(self) -> int:
@@ -315,6 +318,8 @@ class Classifier:
     def forward_all(self, **inputs) -> dict[str, np.ndarray]:
         """The net's output blobs for inputs of any count N (run in batches of the net's batch
         size; the last one padded with zeros)."""
+        import jax
+
         in_ = self.inputs[0]
         x = np.asarray(inputs[in_], dtype=np.float32)
         n, b = x.shape[0], self.batch_size
@@ -328,7 +333,9 @@ class Classifier:
             if len(chunk) < b:
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:],
                                                         np.float32)])
-            blobs = self._forward(self.params, {in_: chunk})
+            blobs = self._forward(self.params, {in_: chunk},
+                                  jax.random.fold_in(self._key, self._passes))
+            self._passes += 1
             for k in self.outputs:
                 outs[k].append(np.asarray(blobs[k]))
         return {k: np.concatenate(v)[:n] for k, v in outs.items()}

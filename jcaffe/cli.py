@@ -180,7 +180,7 @@ def _cmd_help(argv: list[str]) -> int:
         print(_usage())
         return 0
     name = argv[0]
-    if name == "help":
+    if name in ("help", "-h", "--help"):
         print(_usage())
         return 0
     if name not in COMMANDS:

@@ -183,6 +183,22 @@ def test_transformer_preprocess():
         t.preprocess("image", im)
 
 
+def test_forward_refills_random_dummy_data(tmp_path):
+    # Caffe's TEST-phase forward refills a DummyData top with a random filler at every pass.
+    net = tmp_path / "noise.prototxt"
+    net.write_text("""
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 1 dim: 8 dim: 8 } } }
+    layer { name: "noise" type: "DummyData" top: "noise"
+            dummy_data_param { shape { dim: 2 dim: 1 dim: 8 dim: 8 } data_filler { type: "gaussian" std: 1 } } }
+    layer { name: "sum" type: "Eltwise" bottom: "data" bottom: "noise" top: "sum" }
+    """)
+    c = Classifier(str(net), None)
+    a = c.forward_all(data=np.ones((2, 1, 8, 8), np.float32))["sum"]
+    b = c.forward_all(data=np.ones((2, 1, 8, 8), np.float32))["sum"]
+    assert not np.array_equal(a, b)
+    assert abs(a.mean() - 1) < 0.4 and 0.6 < a.std() < 1.4
+
+
 def test_classify_command(lenet, clf, tmp_path, capsys):
     out = tmp_path / "probs.npy"
     labels = tmp_path / "labels.txt"
@@ -269,6 +285,26 @@ def test_extract_features(lenet, test_net, tmp_path, backend):
             assert got.shape == (300,) + shape
             got = got.reshape(300, -1)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_features_mirrors_at_test_time(lenet, tmp_path):
+    # Caffe mirrors at random in the TEST phase too (do_mirror = mirror() && Rand(2)): the
+    # TEST net is applied with a key, and each item is its digit, scaled, or its mirror image.
+    d = lenet["dir"]
+    net = (d / "net.prototxt").read_text()
+    (tmp_path / "net.prototxt").write_text(
+        net.replace("scale: 0.00390625", "scale: 0.00390625 mirror: true"))
+    assert net.count("scale: 0.00390625") == 2
+    db = tmp_path / "data_db"
+    assert cli.main(["extract_features", str(lenet["weights"]), str(tmp_path / "net.prototxt"),
+                     "data", str(db), "1", "--backend", "tensorstore"]) == 0
+    src = read_dataset(str(db))
+    got = np.asarray(src.read(0, 100)[0])
+    src.close()
+    x = lenet["images"][:100].astype(np.float32) * np.float32(SCALE)
+    same = np.all(got == x, axis=(1, 2, 3))
+    flipped = np.all(got == x[..., ::-1], axis=(1, 2, 3))
+    assert np.all(same | flipped) and 20 < flipped.sum() < 80
 
 
 def test_extract_features_errors(lenet, tmp_path, capsys):

@@ -587,6 +587,23 @@ def test_dummy_data_random_fillers():
         layer.apply([], [], Context(train=True, key=None))
 
 
+def test_dummy_data_refills_in_either_phase():
+    # Caffe's DummyDataLayer refills a non-constant top at every Forward, whatever the phase:
+    # applied with train=False it draws from the key, and without one the error says so.
+    layer = make_layer('type: "DummyData" dummy_data_param { shape { dim: 20 dim: 20 } '
+                       'data_filler { type: "uniform" min: 1 max: 2 } }', [], phase="TEST",
+                       tops=["a"])
+    a1, = run(layer, [], [], train=False, key=jax.random.key(1))
+    a2, = run(layer, [], [], train=False, key=jax.random.key(2))
+    assert 1 <= a1.min() and a1.max() <= 2 and not np.array_equal(a1, a2)
+    with pytest.raises(LayerError) as e:
+        layer.apply([], [], Context(train=False, key=None))
+    msg = str(e.value)
+    assert "training mode" not in msg
+    assert "refill its randomly filled tops (fillers uniform)" in msg
+    assert "either phase" in msg and "train=False" in msg and "key=" in msg
+
+
 def test_dummy_data_filler_per_top():
     layer = make_layer('type: "DummyData" dummy_data_param { shape { dim: 50 dim: 40 } '
                        'data_filler { type: "constant" value: -1 } '

@@ -327,8 +327,18 @@ def test_train_crop_and_mirror_are_valid_and_keyed(tmp_path):
 
 def test_train_without_key_is_an_error(db):
     layer = data_layer(db[0], 2, phase="TRAIN", transform="crop_size: 3")
-    with pytest.raises(LayerError, match="key"):
+    with pytest.raises(LayerError, match="key for random crops in training mode"):
         layer.apply([], [db[1][:2], np.zeros(2, np.int32)], Context(train=True, key=None))
+    # at test time the crop is the centre one: no key needed
+    out = layer.apply([], [db[1][:2], np.zeros(2, np.int32)], Context(train=False, key=None))
+    assert out[0].shape[-2:] == (3, 3)
+    # mirroring is random in either phase (Caffe's do_mirror ignores the phase): the error
+    # says so, and names the call's train=False
+    layer = data_layer(db[0], 2, phase="TEST", transform="mirror: true")
+    with pytest.raises(LayerError) as e:
+        layer.apply([], [db[1][:2], np.zeros(2, np.int32)], Context(train=False, key=None))
+    assert "random mirroring" in str(e.value) and "either phase" in str(e.value)
+    assert "train=False" in str(e.value) and "training mode" not in str(e.value)
 
 
 def test_mirror_applies_in_both_phases_as_caffe(db):

@@ -261,8 +261,12 @@ def test_dropout_gradient_is_the_scaled_mask():
 
 def test_dropout_requires_key_in_training():
     layer = make_layer('type: "Dropout"', [SHAPE])
-    with pytest.raises(LayerError, match="PRNG key"):
+    with pytest.raises(LayerError, match="PRNG key for its dropout mask in training mode; it "
+                                         "was applied with train=True and no key"):
         layer.apply([], [jnp.ones(SHAPE)], Context(train=True, key=None))
+    # at test time Dropout is the identity and needs no key
+    (y,) = layer.apply([], [jnp.ones(SHAPE)], Context(train=False, key=None))
+    np.testing.assert_array_equal(y, 1)
 
 
 # -- registry and bad parameters ---------------------------------------------------------------

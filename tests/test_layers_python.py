@@ -20,7 +20,7 @@ import pytest
 import jcaffe
 from jcaffe import prototxt
 from jcaffe.errors import DataError, LayerError, NetError
-from jcaffe.layers.base import known_types
+from jcaffe.layers.base import Context, known_types
 from jcaffe.train import Trainer
 from layer_utils import check_gradient, make_layer, run
 
@@ -414,6 +414,35 @@ def test_native_layer_blobs_get_lr_mult_and_train(on_path):
                                rtol=1e-4)
     # lr_mult 0 (Net.loss freezes it): no gradient for the bias blob.
     assert float(g["ss"][1][0]) == 0.0
+
+
+def test_native_layer_key_only_in_training(tmp_path, monkeypatch):
+    # A JaxLayer with needs_key = True gets a key in training mode; without one the error
+    # says so, and at test time it runs with key None.
+    (tmp_path / "jcaffe_keyed_layer.py").write_text(textwrap.dedent("""\
+        import jax
+        from jcaffe.layers.python import JaxLayer
+
+        class Noise(JaxLayer):
+            needs_key = True
+
+            def setup(self, bottom_shapes):
+                return [bottom_shapes[0]]
+
+            def apply(self, blobs, bottoms, train, key):
+                if not train:
+                    return [bottoms[0]]
+                return [bottoms[0] + jax.random.normal(key, bottoms[0].shape, bottoms[0].dtype)]
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    layer = make_layer('type: "Python" python_param { module: "jcaffe_keyed_layer" '
+                       'layer: "Noise" }', [(2, 3)])
+    x = jnp.ones((2, 3))
+    (y,) = layer.apply([], [x], Context(train=False, key=None))
+    np.testing.assert_array_equal(y, 1)
+    with pytest.raises(LayerError, match="needs a PRNG key in training mode .the class sets "
+                                         "needs_key = True.; it was applied with train=True"):
+        layer.apply([], [x], Context(train=True, key=None))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,3 +104,26 @@ def test_errors(tmp_path, two_logs, capsys):
     with pytest.raises(JcaffeError, match="no test net output"):
         plot_chart(0, None, [no_test])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_glog06_and_resumed_logs(tmp_path, capsys):
+    # glog >= 0.6's prefix (a day change) and a resumed run appended to its first run's log:
+    # the points are the hand-written rows of tests/test_parse_log.py.
+    from tests.test_parse_log import (GLOG06_LOG, GLOG06_SKIPPED, GLOG06_TEST, RESUMED_LOG,
+                                      RESUMED_SKIPPED, RESUMED_TRAIN)
+    new, resumed = tmp_path / "glog06.log", tmp_path / "resumed.log"
+    new.write_text(GLOG06_LOG)
+    resumed.write_text(RESUMED_LOG)
+    out = tmp_path / "acc.png"
+    assert cli.main(["plot_training_log", "1", str(out), str(new)]) == 0
+    assert out.exists()
+    assert capsys.readouterr().err.splitlines() == [f"plot_training_log: {new}: {GLOG06_SKIPPED}"]
+    line = plot_chart(1, None, [new]).axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == pytest.approx(_column(GLOG06_TEST, 1))
+    assert list(line.get_ydata()) == pytest.approx(_column(GLOG06_TEST, 3))
+    assert cli.main(["plot_training_log", "7", str(tmp_path / "loss.png"), str(resumed)]) == 0
+    assert capsys.readouterr().err.splitlines() == \
+        [f"plot_training_log: {resumed}: {RESUMED_SKIPPED}"]
+    line = plot_chart(7, None, [resumed]).axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == pytest.approx(_column(RESUMED_TRAIN, 1))
+    assert list(line.get_ydata()) == pytest.approx(_column(RESUMED_TRAIN, 3))

@@ -175,8 +175,12 @@ class Transformer:
         if raw.ndim != 4 or tuple(raw.shape[1:]) != self.input_shape:
             raise self._error(f"expects raw batches of shape [N, {', '.join(map(str, self.input_shape))}], "
                               f"got {list(raw.shape)}")
-        if key is None and (self.mirror or (train and self.crop)):
-            raise self._error("needs a PRNG key for random crops / mirroring")
+        if key is None and self.mirror:
+            raise self._error("needs a PRNG key for random mirroring (mirror: true mirrors at "
+                              "random in either phase, as Caffe)")
+        if key is None and train and self.crop:
+            raise self._error("needs a PRNG key for random crops in training mode (crop_size; "
+                              "train=False takes the centre crop)")
         n = raw.shape[0]
         x = raw.astype(jnp.float32)
         if self.mean is not None:

@@ -100,9 +100,13 @@ class Context:
     train: bool
     key: jax.Array | None = None
 
-    def require_key(self, layer: "Layer") -> jax.Array:
+    def require_key(self, layer: "Layer", purpose: str) -> jax.Array:
+        """The key, or an error naming the layer and ``purpose``: what the key is for and in
+        which mode it is drawn from (e.g. "for its dropout mask in training mode")."""
         if self.key is None:
-            raise layer.error("needs a PRNG key in training mode: pass key= to Net.apply")
+            mode = "train=True" if self.train else "train=False"
+            raise layer.error(f"needs a PRNG key {purpose}; it was applied with {mode} and no "
+                              f"key: pass key= to Net.apply")
         return self.key
 
 

@@ -606,7 +606,11 @@ class DummyDataLayer(Layer):
         return f"layer '{self.name}' (type {self.type}) top {i}"
 
     def apply(self, blobs, bottoms, ctx: Context):
-        key = ctx.require_key(self) if self.needs_key else None
+        # Caffe refills a randomly filled top at every forward pass, in either phase.
+        key = ctx.require_key(self, "to refill its randomly filled tops (fillers "
+                              f"{', '.join(sorted({f.type for f in self.fillers} - {'constant'}))}"
+                              "), which Caffe does at every forward pass in either phase"
+                              ) if self.needs_key else None
         tops = []
         for i, (f, s) in enumerate(zip(self.fillers, self.top_shapes)):
             k = None if f.type == "constant" else jax.random.fold_in(key, i)

@@ -136,14 +136,24 @@ class DataLayer(DataLayerBase):
                             force_color=self.force_color, convert=self.transformer.host_convert)
 
     def apply(self, blobs, bottoms, ctx: Context):
-        key = ctx.key
-        if self.transformer.mirror or (ctx.train and self.transformer.crop):
-            key = ctx.require_key(self)
+        key = _transform_key(self, ctx)
         tops = [self.transformer.apply(bottoms[0], key, ctx.train)]
         if len(bottoms) > 1:
             tops.append(_label_top(bottoms[1]))
         return tops
 
+
+
+def _transform_key(layer, ctx: Context):
+    """The key a data layer's transform draws from: Caffe mirrors at random in either phase
+    and crops at random in TRAIN (the centre in TEST)."""
+    if layer.transformer.mirror:
+        return ctx.require_key(layer, "for random mirroring (mirror: true mirrors at random in "
+                                      "either phase, as Caffe)")
+    if ctx.train and layer.transformer.crop:
+        return ctx.require_key(layer, "for random crops in training mode (crop_size; "
+                                      "train=False takes the centre crop)")
+    return ctx.key
 
 # -- ImageData --------------------------------------------------------------------------------
 
@@ -197,9 +207,7 @@ class ImageDataLayer(DataLayerBase):
         return ImageReader(self, seed, self.images, self.shuffle)
 
     def apply(self, blobs, bottoms, ctx: Context):
-        key = ctx.key
-        if self.transformer.mirror or (ctx.train and self.transformer.crop):
-            key = ctx.require_key(self)
+        key = _transform_key(self, ctx)
         return [self.transformer.apply(bottoms[0], key, ctx.train), _label_top(bottoms[1])]
 
 

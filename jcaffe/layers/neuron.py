@@ -294,6 +294,6 @@ class DropoutLayer(NeuronLayer):
         x = bottoms[0]
         if not ctx.train or self.ratio == 0.0:
             return [x]
-        key = ctx.require_key(self)
+        key = ctx.require_key(self, "for its dropout mask in training mode")
         mask = jax.random.bernoulli(key, 1.0 - self.ratio, x.shape)
         return [jnp.where(mask, x * self.scale, jnp.zeros_like(x))]

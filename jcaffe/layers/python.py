@@ -384,7 +384,8 @@ class PythonLayer(Layer):
             if self.kind == "jax":
                 key = ctx.key
                 if self.needs_key and ctx.train:
-                    key = ctx.require_key(self)
+                    key = ctx.require_key(self, "in training mode (the class sets "
+                                          "needs_key = True)")
                 return list(self.impl.apply(list(blobs), list(bottoms), ctx.train, key))
             if self.kind == "data":
                 return [jnp.asarray(b).astype(jnp.float32) for b in bottoms]

@@ -900,7 +900,7 @@ class Pooling(Layer):
                 squares = squares + piece * piece
             positive = total > 0
             return jnp.where(positive, squares / jnp.where(positive, total, 1), 0)
-        key = ctx.require_key(self)
+        key = ctx.require_key(self, "for stochastic pooling's sampling in training mode")
         stacked = jnp.stack(pieces, axis=0)
         data = lax.stop_gradient(stacked)
         running, cums = jnp.zeros_like(data[0]), []

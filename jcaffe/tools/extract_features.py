@@ -91,18 +91,21 @@ def extract_features(weights: str, net_file: str, blob_names: Sequence[str],
         if not net.data_layers:
             raise NetError(f"{net_file}: the net has no data layer to read batches from")
         params = trained_params(net, weights)
-        forward = jax.jit(lambda p, x: {b: v for b, v in
-                                        net.apply(p, x, train=False).items() if b in blob_names})
+        # A key per batch: Caffe's TEST nets draw at every forward pass too (mirror: true,
+        # DummyData's random fillers).
+        forward = jax.jit(lambda p, x, k: {b: v for b, v in net.apply(p, x, train=False, key=k)
+                                           .items() if b in blob_names})
+        root_key = jax.random.key(0)
         _log.info("Extracting Features")
         feeders = [PrefetchFeeder(layer, seed=0) for layer in net.data_layers]
         out: dict[str, list[np.ndarray]] = {b: [] for b in blob_names}
         try:
             with _progress(num_batches, "extract_features") as bar:
-                for _ in range(num_batches):
+                for i in range(num_batches):
                     batch = {}
                     for f in feeders:
                         batch.update(next(f))
-                    blobs = forward(params, batch)
+                    blobs = forward(params, batch, jax.random.fold_in(root_key, i))
                     for b in blob_names:
                         out[b].append(np.asarray(blobs[b], np.float32))
                     bar.update(1)

@@ -9,18 +9,39 @@ first prints them. It reads the logs jcaffe writes (``jcaffe.log``'s glog lines)
 Caffe writes, with Caffe's regular expressions and rules:
 
 * a row is started by the first output line of an iteration (the last ``Iteration N`` seen)
-  and is complete once it has as many columns as the first row;
-* ``Seconds`` is the line's time minus the time of the ``Solving ...`` line; the year is the
-  log file's creation year, and a month smaller than the previous line's starts the next year;
-* ``LearningRate`` is the last ``lr = X`` seen (NaN before the first one); the first row takes
-  the second row's rate, since Caffe prints the rate only after the first test and step;
-* lines before the first ``Iteration N``, and lines without a glog time stamp (e.g. the
-  continuation lines of a multi-line message), are skipped.
+  and is complete once it has as many columns as the first row of its run;
+* ``LearningRate`` is the last ``lr = X`` seen (NaN before the first one); a run's first row
+  takes its second row's rate, since Caffe prints the rate only after the first test and step;
+* lines before the first ``Solving ...`` line and the set-up lines of a run (before its first
+  ``Iteration N``) are skipped.
+
+Every line is read through its glog prefix, in either form glog writes: ``I1125 17:40:41.796981
+9508 solver.cpp:289] ...`` (glog < 0.6: month and day) or ``I20261125 17:40:41.796981 9508
+solver.cpp:289] ...`` (glog >= 0.6, current distributions' Caffe: year, month and day). A
+year-less stamp takes the year of the line before it, and the next year when its month is
+smaller than that line's (Caffe's rule); the first one takes the year the log file was created.
+``Seconds`` is the solver's running time: the time since the ``Solving`` line of the row's run,
+plus the length of the earlier runs (each from its ``Solving`` line to its last line with an
+``Iteration N``, a net output or a rate: the next run's set-up lines come before its
+``Solving`` line and do not count), so a log
+of a resumed run appended to its first run's log (``2>> run.log``), or several logs
+concatenated, reads as one time line without the pauses between runs. Each ``Solving`` line
+starts a run: the iteration and rate are forgotten, and a row is never continued across runs.
+
+Unlike Caffe's script:
+
+* a line without a glog prefix (a blank line, the continuation of a multi-line message, the
+  output of another program writing to the same file) is skipped whatever it contains
+  (Caffe's script reads ``Iteration N`` even there, and crashes on the glog >= 0.6 prefix,
+  whose characters 1-2 it reads as the month);
+* a run's only row is kept (Caffe drops it: it pushes a first row only when a second one
+  starts); an incomplete last row of a run is dropped, as Caffe drops one at the end of the log;
+* a table's columns are those of all its rows (a row without an output leaves its cell empty),
+  where Caffe's writer fails on a column its first row lacks;
+* what was skipped, and why, is said in one line (:meth:`ParsedLog.summary`, printed on stderr
+  by the commands); a log without a ``Solving`` line is a one-line error.
 
 Numbers are written as Caffe's script writes them (Python floats: ``100.0``, ``0.9815``).
-Unlike Caffe's script, a table's only row is kept (Caffe drops it: it pushes a first row only
-when a second one starts), blank lines are skipped (they stop Caffe's script) and a log without
-a ``Solving`` line is a one-line error instead of a traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +52,8 @@ import datetime
 import io
 import os
 import re
-from typing import Iterable, Sequence
+import sys
+from typing import Iterable, NamedTuple, Sequence
 
 from jcaffe.errors import DataError, JcaffeError
 
@@ -41,96 +63,222 @@ REGEX_TRAIN_OUTPUT = re.compile(r"Train net output #(\d+): (\S+) = ([\.\deE+-]+)
 REGEX_TEST_OUTPUT = re.compile(r"Test net output #(\d+): (\S+) = ([\.\deE+-]+)")
 REGEX_LEARNING_RATE = re.compile(r"lr = ([-+]?[0-9]*\.?[0-9]+([eE]?[-+]?[0-9]+)?)")
 
+# glog's line prefix: severity, [yyyy]mmdd, hh:mm:ss.uuuuuu, thread id, file:line]. The year is
+# there from glog 0.6 on.
+REGEX_GLOG_PREFIX = re.compile(
+    r"[IWEF](\d{4})?(\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) +\S+ +[^\s\]]+\](?: |$)")
+GLOG_FORMS = "'I1125 17:40:41.796981 9508 solver.cpp:289] ' or 'I20261125 17:40:41.796981 ...'"
+
 Row = dict  # insertion-ordered: NumIters, Seconds, LearningRate, outputs...
 
 
+class GlogStamp(NamedTuple):
+    """A glog prefix: ``year`` is None in the year-less (glog < 0.6) form; ``message`` is the
+    text after ``file:line] ``."""
+    year: int | None
+    month: int
+    day: int
+    hour: int
+    minute: int
+    second: int
+    microsecond: int
+    message: str
+
+
+def glog_stamp(line: str) -> GlogStamp | None:
+    """The glog prefix of ``line`` (either form), or None for a line without one."""
+    line = line.strip()
+    m = REGEX_GLOG_PREFIX.match(line)
+    if not m:
+        return None
+    year, *rest = m.groups()
+    return GlogStamp(None if year is None else int(year), *(int(x) for x in rest),
+                     line[m.end():])
+
+
+def stamp_datetime(stamp: GlogStamp, year: int) -> datetime.datetime:
+    """The stamp's time; ``year`` is used when the stamp has none. ``ValueError`` for an
+    impossible date (month 13, February 30, ...)."""
+    return datetime.datetime(stamp.year if stamp.year is not None else year, stamp.month,
+                             stamp.day, stamp.hour, stamp.minute, stamp.second,
+                             stamp.microsecond)
+
+
 def extract_datetime_from_line(line: str, year: int) -> datetime.datetime:
-    """The time stamp of a glog line ``I0210 13:39:22.381027 ...`` (Caffe's
-    extract_seconds.py rule); ``ValueError`` for a line that is not one."""
-    fields = line.strip().split()
-    if len(fields) < 2:
+    """The time of a glog line in either form (Caffe's extract_seconds.py function, which reads
+    only the year-less form); ``year`` is used when the line has none. ``ValueError`` for a
+    line that is not a glog line or has an impossible date."""
+    stamp = glog_stamp(line)
+    if stamp is None:
         raise ValueError("not a glog line")
-    head, timestamp = fields[0], fields[1]
-    month, day = int(head[1:3]), int(head[3:])
-    pos = timestamp.rfind(".")
-    hour, minute, second = (int(x) for x in timestamp[:pos].split(":"))
-    return datetime.datetime(year, month, day, hour, minute, second, int(timestamp[pos + 1:]))
+    return stamp_datetime(stamp, year)
 
 
-def _start_time(lines: Sequence[str], year: int, path: str) -> datetime.datetime:
-    for lineno, line in enumerate(lines, 1):
-        if "Solving" in line:
-            try:
-                return extract_datetime_from_line(line, year)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: the 'Solving' line has no glog time stamp: "
-                                f"{line.strip()!r}") from None
-    raise DataError(f"{path}: no 'Solving ...' line: not a Caffe/jcaffe training log "
-                    f"(the Seconds column counts from that line)")
+class _Table:
+    """One table (train or test) being filled, with Caffe's row rules applied per run."""
+
+    def __init__(self, regex: re.Pattern, name: str):
+        self.regex, self.name = regex, name
+        self.rows: list[Row] = []
+        self.row: Row | None = None
+        self.run_start = 0          # index in rows of the current run's first row
+        self.first_len: int | None = None  # columns of the run's first pushed row
+        self.dropped: list[float] = []
+
+    def _push(self, row: Row) -> None:
+        self.rows.append(row)
+        if self.first_len is None:
+            self.first_len = len(row)
+
+    def feed(self, line: str, iteration: float, seconds: float, learning_rate: float) -> None:
+        match = self.regex.search(line)
+        if match:
+            if self.row is None or self.row["NumIters"] != iteration:
+                if self.row is not None:
+                    self._push(self.row)
+                self.row = {"NumIters": iteration, "Seconds": seconds,
+                            "LearningRate": learning_rate}
+            self.row[match.group(2)] = float(match.group(3))
+        if self.row is not None and self.first_len is not None and \
+                len(self.row) == self.first_len:
+            self._push(self.row)
+            self.row = None
+
+    def end_run(self) -> None:
+        if self.row is not None:
+            if self.first_len is None:
+                self._push(self.row)   # the run's only row (Caffe's script drops it)
+            else:
+                self.dropped.append(self.row["NumIters"])
+        self.row = None
+        # Caffe's fix_initial_nan_learning_rate, for each run
+        if len(self.rows) - self.run_start > 1:
+            self.rows[self.run_start]["LearningRate"] = \
+                self.rows[self.run_start + 1]["LearningRate"]
+        self.run_start, self.first_len = len(self.rows), None
 
 
-def _net_output(regex: re.Pattern, row: Row | None, rows: list[Row], line: str,
-                iteration: float, seconds: float, learning_rate: float) -> Row | None:
-    match = regex.search(line)
-    if match:
-        if not row or row["NumIters"] != iteration:
-            if row:
-                rows.append(row)
-            row = {"NumIters": iteration, "Seconds": seconds, "LearningRate": learning_rate}
-        row[match.group(2)] = float(match.group(3))
-    if row and rows and len(row) == len(rows[0]):
-        rows.append(row)
-        row = None
-    return row
+class ParsedLog(NamedTuple):
+    """What :func:`read_log` found: the two tables, the number of runs (``Solving`` lines),
+    the lines skipped by reason (``{reason: (count, first line number)}``) and the incomplete
+    rows dropped (``{"train"|"test": [iteration, ...]}``)."""
+    train: list[Row]
+    test: list[Row]
+    runs: int
+    lines: int
+    skipped: dict
+    dropped: dict
+
+    def summary(self) -> str:
+        """One line saying what was skipped and why ("" when nothing was)."""
+        parts = []
+        for reason, (count, first) in self.skipped.items():
+            where = f" (first: line {first})" if reason in (_NO_PREFIX, _BAD_DATE) else ""
+            parts.append(f"{count} {reason}{where}")
+        total = sum(c for c, _ in self.skipped.values())
+        text = f"skipped {total} of {self.lines} lines: " + ", ".join(parts) if total else ""
+        for table, iters in self.dropped.items():
+            if iters:
+                its = ", ".join(f"{i:g}" for i in iters)
+                text += ("; " if text else "") + \
+                    f"dropped {len(iters)} incomplete {table} row{'s' * (len(iters) > 1)} " \
+                    f"at the end of a run (iteration {its})"
+        if text and self.runs > 1:
+            text = f"{self.runs} runs ('Solving' lines); " + text
+        return text
 
 
-def parse_log_lines(lines: Iterable[str], year: int, path: str = "<log>"
-                    ) -> tuple[list[Row], list[Row]]:
-    """:func:`parse_log` on the lines of a log whose first line dates from ``year``."""
+# reasons, in the order the summary names them
+_BEFORE_SOLVING = "before the first 'Solving' line"
+_SET_UP = "of set-up (before a run's first 'Iteration N')"
+_NO_PREFIX = ("without a glog prefix (blank, a message's continuation or another program's "
+              "output)")
+_BAD_DATE = "with an impossible glog date"
+
+
+def read_log_lines(lines: Iterable[str], year: int, path: str = "<log>") -> ParsedLog:
+    """:func:`read_log` on the lines of a log; ``year`` is the year of its first year-less glog
+    stamp."""
     lines = list(lines)
-    start = _start_time(lines, year, path)
-    last = start
-    iteration = -1.0
-    learning_rate = float("nan")
-    train: list[Row] = []
-    test: list[Row] = []
-    train_row = test_row = None
-    for line in lines:
+    skipped = {r: [0, 0] for r in (_BEFORE_SOLVING, _SET_UP, _NO_PREFIX, _BAD_DATE)}
+
+    def skip(reason: str, lineno: int) -> None:
+        s = skipped[reason]
+        s[0] += 1
+        s[1] = s[1] or lineno
+
+    train = _Table(REGEX_TRAIN_OUTPUT, "train")
+    test = _Table(REGEX_TEST_OUTPUT, "test")
+    runs = 0
+    start = last = None       # the run's Solving time, the last line's time
+    progress = None           # the time of the run's last Iteration / output / rate line
+    offset = 0.0              # the length of the earlier runs, in seconds
+    iteration, learning_rate = -1.0, float("nan")
+    unstamped_solving = 0
+    for lineno, line in enumerate(lines, 1):
+        stamp = glog_stamp(line)
+        if stamp is None:
+            skip(_NO_PREFIX, lineno)
+            if "Solving" in line and not unstamped_solving:
+                unstamped_solving = lineno
+            continue
+        if stamp.year is not None:
+            year = stamp.year
+        elif last is not None:
+            year = last.year + 1 if stamp.month < last.month else last.year
+        try:
+            time = stamp_datetime(stamp, year)
+        except ValueError:
+            skip(_BAD_DATE, lineno)
+            continue
+        if stamp.message.startswith("Solving"):
+            if runs:
+                train.end_run()
+                test.end_run()
+                offset += (progress - start).total_seconds()
+            runs += 1
+            start = progress = time
+            iteration, learning_rate = -1.0, float("nan")
+        last = time
+        if not runs:
+            skip(_BEFORE_SOLVING, lineno)
+            continue
         match = REGEX_ITERATION.search(line)
         if match:
             iteration = float(match.group(1))
         if iteration == -1:
+            skip(_SET_UP, lineno)
             continue
-        try:
-            time = extract_datetime_from_line(line, year)
-        except ValueError:
-            continue
-        if time.month < last.month:
-            year += 1
-            time = extract_datetime_from_line(line, year)
-        last = time
-        seconds = (time - start).total_seconds()
+        seconds = offset + (time - start).total_seconds()
         match = REGEX_LEARNING_RATE.search(line)
         if match:
             learning_rate = float(match.group(1))
-        train_row = _net_output(REGEX_TRAIN_OUTPUT, train_row, train, line, iteration, seconds,
-                                learning_rate)
-        test_row = _net_output(REGEX_TEST_OUTPUT, test_row, test, line, iteration, seconds,
-                               learning_rate)
-    # Caffe's script keeps a table's first row pending until a second row starts, so a log with
-    # one test (or one display) would give an empty table: that lone row is kept here.
-    for rows, row in ((train, train_row), (test, test_row)):
-        if row and not rows:
-            rows.append(row)
-    for rows in (train, test):
-        if len(rows) > 1:
-            rows[0]["LearningRate"] = rows[1]["LearningRate"]
-    return train, test
+        if match or REGEX_ITERATION.search(line) or "net output #" in line:
+            progress = time
+        train.feed(line, iteration, seconds, learning_rate)
+        test.feed(line, iteration, seconds, learning_rate)
+    if not runs:
+        hint = (f"; line {unstamped_solving} has 'Solving' but no glog prefix ({GLOG_FORMS})"
+                if unstamped_solving else "")
+        raise DataError(f"{path}: no 'Solving ...' line: not a Caffe/jcaffe training log (the "
+                        f"Seconds column counts from that line){hint}")
+    train.end_run()
+    test.end_run()
+    return ParsedLog(train.rows, test.rows, runs, len(lines),
+                     {r: tuple(v) for r, v in skipped.items() if v[0]},
+                     {"train": train.dropped, "test": test.dropped})
 
 
-def parse_log(path: str | os.PathLike) -> tuple[list[Row], list[Row]]:
-    """``(train_rows, test_rows)``: the tables of a training log, each row a dict
-    ``{"NumIters", "Seconds", "LearningRate", <output name>: value, ...}``."""
+def parse_log_lines(lines: Iterable[str], year: int, path: str = "<log>"
+                    ) -> tuple[list[Row], list[Row]]:
+    """``(train_rows, test_rows)`` of :func:`read_log_lines`."""
+    parsed = read_log_lines(lines, year, path)
+    return parsed.train, parsed.test
+
+
+def read_log(path: str | os.PathLike) -> ParsedLog:
+    """The tables of a training log (:class:`ParsedLog`); year-less glog stamps start in the
+    year the file was created (Caffe's rule)."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -138,14 +286,30 @@ def parse_log(path: str | os.PathLike) -> tuple[list[Row], list[Row]]:
         year = datetime.datetime.fromtimestamp(os.path.getctime(path)).year
     except OSError as e:
         raise DataError(f"{path}: cannot read the log: {e.strerror or e}") from None
-    return parse_log_lines(lines, year, path)
+    return read_log_lines(lines, year, path)
+
+
+def parse_log(path: str | os.PathLike) -> tuple[list[Row], list[Row]]:
+    """``(train_rows, test_rows)``: the tables of a training log, each row a dict
+    ``{"NumIters", "Seconds", "LearningRate", <output name>: value, ...}``."""
+    parsed = read_log(path)
+    return parsed.train, parsed.test
+
+
+def report_skipped(command: str, path: str | os.PathLike, parsed: ParsedLog) -> None:
+    """Prints :meth:`ParsedLog.summary` as one line on stderr (nothing when nothing was
+    skipped)."""
+    text = parsed.summary()
+    if text:
+        print(f"{command}: {os.fspath(path)}: {text}", file=sys.stderr)
 
 
 def csv_text(rows: Sequence[Row], delimiter: str = ",") -> str:
-    """The CSV table Caffe's script writes for ``rows`` (header from the first row)."""
+    """The CSV table Caffe's script writes for ``rows``: the header is every column in the
+    order the rows first have it (Caffe's: the first row's), a missing value an empty cell."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0].keys()), delimiter=delimiter,
-                            lineterminator="\r\n")
+    writer = csv.DictWriter(out, fieldnames=fields, delimiter=delimiter, lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
@@ -197,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise JcaffeError(f"--delimiter must be one character, got {args.delimiter!r}")
     if not os.path.isdir(args.output_dir):
         raise DataError(f"{args.output_dir}: output directory does not exist")
-    train, test = parse_log(args.logfile_path)
-    save_csv_files(args.logfile_path, args.output_dir, train, test, args.delimiter, args.verbose)
+    parsed = read_log(args.logfile_path)
+    report_skipped("parse_log", args.logfile_path, parsed)
+    save_csv_files(args.logfile_path, args.output_dir, parsed.train, parsed.test, args.delimiter,
+                   args.verbose)
     return 0

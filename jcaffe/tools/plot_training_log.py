@@ -10,7 +10,8 @@ Chart types (Caffe's numbering)::
     2: Test loss  vs. Iters            6: Train loss  vs. Iters
     3: Test loss  vs. Seconds          7: Train loss  vs. Seconds
 
-Each log is read with :mod:`jcaffe.tools.parse_log` (Caffe's parse_log.py rules); a log's
+Each log is read with :mod:`jcaffe.tools.parse_log` (Caffe's parse_log.py rules, both glog
+prefixes, several runs in one log; what a log's reading skipped is said in one line); a log's
 line is labelled with its file name less a ``.log`` suffix. "accuracy" is the test output named
 ``accuracy`` (else the first whose name contains ``acc``), "loss" the output named ``loss``
 (else the first whose name contains ``loss``). The axes are labelled as Caffe's (``Iters`` /
@@ -29,7 +30,7 @@ import os
 from typing import Sequence
 
 from jcaffe.errors import DataError, JcaffeError
-from jcaffe.tools.parse_log import Row, parse_log
+from jcaffe.tools.parse_log import Row, read_log, report_skipped
 
 SEPARATOR = "  vs. "
 X_FIELDS = ("Iters", "Seconds")
@@ -67,11 +68,16 @@ def _output_column(rows: Sequence[Row], what: str, path: str, table: str) -> str
                     f"(outputs: {', '.join(names) or 'none'})")
 
 
-def chart_data(chart_type: int, log_path: str | os.PathLike) -> tuple[list[float], list[float]]:
-    """The (x, y) points a chart type plots for one log."""
+def chart_data(chart_type: int, log_path: str | os.PathLike, report: bool = False
+               ) -> tuple[list[float], list[float]]:
+    """The (x, y) points a chart type plots for one log; with ``report``, what the log's
+    reading skipped is said on stderr (one line)."""
     table, x_field, y_field = chart_fields(chart_type)
     path = os.fspath(log_path)
-    train, test = parse_log(path)
+    parsed = read_log(path)
+    if report:
+        report_skipped("plot_training_log", path, parsed)
+    train, test = parsed.train, parsed.test
     rows = train if table == "Train" else test
     if not rows:
         raise DataError(f"{path}: no {table.lower()} net output lines "
@@ -92,9 +98,9 @@ def data_label(log_path: str | os.PathLike) -> str:
 
 
 def plot_chart(chart_type: int, out_path: str | os.PathLike | None,
-               log_paths: Sequence[str | os.PathLike]):
+               log_paths: Sequence[str | os.PathLike], report: bool = False):
     """Draws the chart of ``log_paths`` and saves it to ``out_path`` (when given); returns the
-    matplotlib Figure."""
+    matplotlib Figure. ``report``: say on stderr what each log's reading skipped."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -108,7 +114,7 @@ def plot_chart(chart_type: int, out_path: str | os.PathLike | None,
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for i, path in enumerate(log_paths):
-        x, y = chart_data(chart_type, path)
+        x, y = chart_data(chart_type, path, report)
         ax.plot(x, y, label=data_label(path), linewidth=0.75, marker=_MARKERS[i % len(_MARKERS)],
                 markersize=4, markevery=max(1, len(x) // 25))
     loc = "upper right" if ("loss" in y_field or "learning rate" in y_field) else "lower right"
@@ -150,5 +156,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in args.logs:
         if not os.path.exists(path):
             raise DataError(f"{path}: no such log file")
-    plot_chart(args.chart_type, args.output, args.logs)
+    plot_chart(args.chart_type, args.output, args.logs, report=True)
     return 0
