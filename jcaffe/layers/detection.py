@@ -1,0 +1,422 @@
+"""The SSD fork's detection layers (weiliu89/caffe, ``ssd`` branch): Normalize, Permute,
+PriorBox and DetectionOutput, with the fork's formulas.
+
+Their hyperparameters are the fork's fields (``norm_param``, ``permute_param``,
+``prior_box_param``, ``detection_output_param``) from ``jcaffe/proto/ssd.proto``; a net read by
+:mod:`jcaffe.prototxt` carries them inside BVLC's ``LayerParameter`` and
+:func:`jcaffe.proto.ssd_layer` reads them back.
+
+Boxes are ``[xmin, ymin, xmax, ymax]`` in coordinates normalized to the image (the fork's
+``NormalizedBBox``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcaffe import fillers
+from jcaffe.layers.base import Layer, count, register
+from jcaffe.proto import caffe_pb2, ssd_layer, ssd_pb2
+
+CodeType = ssd_pb2.PriorBoxParameter.CodeType
+
+
+@register("Normalize")
+class Normalize(Layer):
+    """L2 normalization with a learned scale (SSD's ``conv4_3_norm``).
+
+    ``across_spatial`` (default): one norm per item, ``y = s * x / sqrt(sum_{c,h,w} x^2 +
+    eps)``; otherwise one norm per position, ``y[n,c,h,w] = s_c * x[n,c,h,w] /
+    sqrt(sum_c x[n,c,h,w]^2 + eps)``. The scale blob is one scalar (shape ``[]``) when
+    ``channel_shared`` (default), else ``[C]``; ``scale_filler`` defaults to constant 1.
+    The gradient is that of this formula (the fork's backward).
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def setup(self, bottom_shapes):
+        p = ssd_layer(self.param).norm_param
+        shape = bottom_shapes[0]
+        if not 2 <= len(shape) <= 4:
+            raise self.shape_error("needs a bottom with 2 to 4 axes (N, C[, H[, W]])")
+        self.across_spatial = bool(p.across_spatial)
+        self.channel_shared = bool(p.channel_shared)
+        self.eps = float(p.eps)
+        self.scale_filler = caffe_pb2.FillerParameter(type="constant", value=1.0)
+        if p.HasField("scale_filler"):
+            self.scale_filler.CopyFrom(p.scale_filler)
+        self.blob_shapes = [() if self.channel_shared else (shape[1],)]
+        return [shape]
+
+    def init(self, key):
+        return [fillers.fill(self.scale_filler, self.blob_shapes[0], key, jnp.float32,
+                             f"layer '{self.name}' (type Normalize) scale")]
+
+    def apply(self, blobs, bottoms, ctx):
+        x = bottoms[0]
+        x4 = x.reshape(x.shape[:2] + (-1,))  # [N, C, H*W]
+        axes = (1, 2) if self.across_spatial else (1,)
+        norm = jnp.sqrt(jnp.sum(x4 * x4, axis=axes, keepdims=True) + self.eps)
+        scale = blobs[0].astype(x.dtype)
+        scale = scale if self.channel_shared else scale.reshape(1, -1, 1)
+        return [(x4 / norm * scale).reshape(x.shape)]
+
+
+@register("Permute")
+class Permute(Layer):
+    """Reorders axes: top axis ``i`` is bottom axis ``order[i]``; axes ``permute_param``
+    leaves out follow in their own order (the fork's PermuteLayer)."""
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def setup(self, bottom_shapes):
+        shape = bottom_shapes[0]
+        order = []
+        for o in ssd_layer(self.param).permute_param.order:
+            if o >= len(shape):
+                raise self.shape_error(f"order {o} is not an axis of a {len(shape)}-axis bottom")
+            if o in order:
+                raise self.error(f"permute_param repeats order {o}")
+            order.append(int(o))
+        order += [i for i in range(len(shape)) if i not in order]
+        self.order = tuple(order)
+        return [tuple(shape[i] for i in self.order)]
+
+    def apply(self, blobs, bottoms, ctx):
+        return [jnp.transpose(bottoms[0], self.order)]
+
+
+def prior_boxes(layer_h: int, layer_w: int, img_h: int, img_w: int, min_sizes, max_sizes,
+                aspect_ratios, clip: bool, variances, step_h: float, step_w: float,
+                offset: float) -> np.ndarray:
+    """The fork's PriorBoxLayer::Forward_cpu as numpy: ``[1, 2, H*W*num_priors*4]`` float32.
+
+    ``aspect_ratios`` is the expanded list (1 first, then each ratio and, with flip, its
+    inverse). At each position ``(h, w)``, centre ``((w + offset) * step_w, (h + offset) *
+    step_h)`` and for each min size ``m`` (truncated to an integer, as the fork does): a
+    square of side ``m``; with max sizes a square of side ``sqrt(m * M)``; then a box
+    ``m*sqrt(ar) x m/sqrt(ar)`` for each ratio ``ar != 1``. Corners are divided by the image
+    size, clipped to [0, 1] with ``clip``; channel 1 holds the variances (one value for all
+    four coordinates, or four).
+    """
+    boxes = []
+    for h in range(layer_h):
+        for w in range(layer_w):
+            cx = np.float32((w + offset) * np.float32(step_w))
+            cy = np.float32((h + offset) * np.float32(step_h))
+            for s, m in enumerate(min_sizes):
+                m = int(m)
+                sides = [(m, m)]
+                if max_sizes:
+                    side = math.sqrt(m * int(max_sizes[s]))
+                    sides.append((side, side))
+                for ar in aspect_ratios:
+                    if abs(ar - 1.0) < 1e-6:
+                        continue
+                    r = math.sqrt(ar)
+                    sides.append((m * r, m / r))
+                for bw, bh in sides:
+                    bw, bh = float(np.float32(bw)), float(np.float32(bh))
+                    boxes.append(((cx - bw / 2.0) / img_w, (cy - bh / 2.0) / img_h,
+                                  (cx + bw / 2.0) / img_w, (cy + bh / 2.0) / img_h))
+    top = np.asarray(boxes, np.float64).astype(np.float32).reshape(-1)
+    if clip:
+        top = np.clip(top, 0.0, 1.0)
+    var = np.tile(np.asarray(variances, np.float32), top.size // len(variances))
+    return np.stack([top, var])[None]
+
+
+@register("PriorBox")
+class PriorBox(Layer):
+    """The fork's default boxes for one feature map: bottom 0 is the feature map
+    ``[N, C, H, W]`` (its H, W), bottom 1 the image ``[N, C, img_h, img_w]`` (its size, unless
+    ``img_size`` / ``img_h`` / ``img_w`` give it). Top ``[1, 2, 4 * H * W * num_priors]``:
+    channel 0 the boxes, channel 1 their variances (see :func:`prior_boxes`). ``step`` /
+    ``step_h`` / ``step_w`` default to image size / feature size. The top depends only on the
+    shapes: it is computed once, on the host, and is a constant of the compiled program."""
+
+    exact_bottoms = 2
+    exact_tops = 1
+
+    def setup(self, bottom_shapes):
+        p = ssd_layer(self.param).prior_box_param
+        if not p.min_size:
+            raise self.error("prior_box_param needs at least one min_size")
+        mins = [float(m) for m in p.min_size]
+        if any(m <= 0 for m in mins):
+            raise self.error(f"min_size must be positive, got {mins}")
+        ratios = [1.0]
+        for ar in p.aspect_ratio:
+            ar = float(ar)
+            if any(abs(ar - r) < 1e-6 for r in ratios):
+                continue
+            ratios.append(ar)
+            if p.flip:
+                ratios.append(float(np.float32(1.0 / ar)))
+        num_priors = len(ratios) * len(mins)
+        maxs = [float(m) for m in p.max_size]
+        if maxs:
+            if len(maxs) != len(mins):
+                raise self.error(f"prior_box_param gives {len(mins)} min_size but {len(maxs)} "
+                                 f"max_size: give as many of each")
+            for lo, hi in zip(mins, maxs):
+                if hi <= lo:
+                    raise self.error(f"max_size {hi:g} must be greater than min_size {lo:g}")
+            num_priors += len(maxs)
+        var = [float(v) for v in p.variance] or [0.1]
+        if len(var) not in (1, 4):
+            raise self.error(f"prior_box_param gives {len(var)} variances: give 1 or 4")
+        if any(v <= 0 for v in var):
+            raise self.error(f"variance must be positive, got {var}")
+        if p.HasField("img_h") or p.HasField("img_w"):
+            if p.HasField("img_size"):
+                raise self.error("give either img_size or img_h/img_w, not both")
+            img_h, img_w = int(p.img_h), int(p.img_w)
+            if img_h <= 0 or img_w <= 0:
+                raise self.error("img_h and img_w must be larger than 0")
+        elif p.HasField("img_size"):
+            if p.img_size <= 0:
+                raise self.error("img_size must be larger than 0")
+            img_h = img_w = int(p.img_size)
+        else:
+            img_h = img_w = 0
+        if p.HasField("step_h") or p.HasField("step_w"):
+            if p.HasField("step"):
+                raise self.error("give either step or step_h/step_w, not both")
+            step_h, step_w = float(p.step_h), float(p.step_w)
+            if step_h <= 0 or step_w <= 0:
+                raise self.error("step_h and step_w must be larger than 0")
+        elif p.HasField("step"):
+            if p.step <= 0:
+                raise self.error("step must be larger than 0")
+            step_h = step_w = float(p.step)
+        else:
+            step_h = step_w = 0.0
+        feat, image = bottom_shapes
+        if len(feat) != 4 or len(image) != 4:
+            raise self.shape_error("needs a 4-axis feature map and a 4-axis image")
+        layer_h, layer_w = feat[2], feat[3]
+        if img_h == 0 or img_w == 0:
+            img_h, img_w = image[2], image[3]
+        if step_h == 0 or step_w == 0:
+            step_w = float(np.float32(img_w) / np.float32(layer_w))
+            step_h = float(np.float32(img_h) / np.float32(layer_h))
+        self.num_priors = num_priors
+        self.aspect_ratios = ratios
+        dim = layer_h * layer_w * num_priors * 4
+        if dim <= 0:
+            raise self.shape_error("gives no prior boxes (empty feature map)")
+        self.priors = prior_boxes(layer_h, layer_w, img_h, img_w, mins, maxs, ratios,
+                                  bool(p.clip), var, step_h, step_w, float(p.offset))
+        return [(1, 2, dim)]
+
+    def apply(self, blobs, bottoms, ctx):
+        return [jnp.asarray(self.priors, bottoms[0].dtype)]
+
+
+def decode_boxes(loc: jax.Array, priors: jax.Array, variances: jax.Array, code_type: int,
+                 variance_encoded_in_target: bool) -> jax.Array:
+    """The fork's DecodeBBox: predictions ``loc [..., P, 4]`` against priors / variances
+    ``[P, 4]``, giving boxes ``[..., P, 4]``.
+
+    CORNER: ``prior + v * loc`` per corner. CENTER_SIZE: centre ``v0 * l0 * pw + pcx``,
+    ``v1 * l1 * ph + pcy``, size ``exp(v2 * l2) * pw``, ``exp(v3 * l3) * ph``. CORNER_SIZE:
+    ``prior + v * loc * (pw or ph)``. With ``variance_encoded_in_target`` every ``v`` is 1.
+    """
+    v = jnp.ones_like(variances) if variance_encoded_in_target else variances
+    if code_type == CodeType.CORNER:
+        return priors + v * loc
+    pw = priors[:, 2] - priors[:, 0]
+    ph = priors[:, 3] - priors[:, 1]
+    if code_type == CodeType.CORNER_SIZE:
+        return priors + v * loc * jnp.stack([pw, ph, pw, ph], axis=-1)
+    pcx = (priors[:, 0] + priors[:, 2]) / 2
+    pcy = (priors[:, 1] + priors[:, 3]) / 2
+    cx = v[:, 0] * loc[..., 0] * pw + pcx
+    cy = v[:, 1] * loc[..., 1] * ph + pcy
+    w = jnp.exp(v[:, 2] * loc[..., 2]) * pw
+    h = jnp.exp(v[:, 3] * loc[..., 3]) * ph
+    return jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+
+
+def box_size(b: jax.Array) -> jax.Array:
+    """The fork's BBoxSize (normalized): ``w * h``, 0 for a box with ``xmax < xmin`` or
+    ``ymax < ymin``."""
+    w = b[..., 2] - b[..., 0]
+    h = b[..., 3] - b[..., 1]
+    return jnp.where((w < 0) | (h < 0), 0.0, w * h).astype(b.dtype)
+
+
+def jaccard(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The fork's JaccardOverlap of boxes ``a [..., 4]`` and ``b [..., 4]`` (broadcast):
+    intersection over union, 0 when the intersection has no positive width and height."""
+    iw = jnp.minimum(a[..., 2], b[..., 2]) - jnp.maximum(a[..., 0], b[..., 0])
+    ih = jnp.minimum(a[..., 3], b[..., 3]) - jnp.maximum(a[..., 1], b[..., 1])
+    inter = iw * ih
+    union = box_size(a) + box_size(b) - inter
+    ok = (iw > 0) & (ih > 0)
+    return jnp.where(ok, inter / jnp.where(ok, union, 1), 0.0)
+
+
+def nms(boxes: jax.Array, scores: jax.Array, score_threshold: float, nms_threshold: float,
+        eta: float, top_k: int):
+    """The fork's ApplyNMSFast for one class, with static shapes.
+
+    Candidates are the ``top_k`` best scores (stable: ties keep index order) above
+    ``score_threshold``; visited best first, one is kept when its overlap with every box kept
+    so far is ``<= threshold``, and after each kept box the threshold becomes ``threshold *
+    eta`` while ``eta < 1`` and it is above 0.5. Returns ``(keep [T], score [T], index [T])``
+    over the ``T = top_k`` candidates in visiting order. Runs as one ``fori_loop`` of vector
+    steps (one overlap row per step): no host callback, no ``T x T`` matrix.
+    """
+    n = scores.shape[0]
+    t = n if top_k < 0 else min(top_k, n)
+    masked = jnp.where(scores > score_threshold, scores, -jnp.inf)
+    top, idx = jax.lax.top_k(masked, t)
+    cand = boxes[idx]
+    valid = top > -jnp.inf
+
+    def step(i, state):
+        keep, thr = state
+        ov = jaccard(cand[i], cand)
+        ok = valid[i] & jnp.all(~keep | (ov <= thr))
+        keep = keep.at[i].set(ok)
+        if eta < 1:
+            thr = jnp.where(ok & (thr > 0.5), thr * eta, thr)
+        return keep, thr
+
+    keep, _ = jax.lax.fori_loop(
+        0, t, step, (jnp.zeros((t,), bool), jnp.asarray(nms_threshold, boxes.dtype)))
+    return keep, top, idx
+
+
+@register("DetectionOutput")
+class DetectionOutput(Layer):
+    """The fork's detection output (inference): bottoms ``mbox_loc [N, P*L*4]``,
+    ``mbox_conf [N, P*C]`` (probabilities), ``mbox_priorbox [1, 2, P*4]``.
+
+    Boxes are decoded (:func:`decode_boxes`, ``code_type``, ``variance_encoded_in_target``;
+    ``L = 1`` with ``share_location``, else one set per class); for each class but
+    ``background_label_id``, :func:`nms` keeps boxes scoring above ``confidence_threshold``
+    (``nms_param``: ``nms_threshold``, ``top_k``, ``eta``); of all kept, the ``keep_top_k``
+    best scores per image remain.
+
+    Top: a fixed-size ``[1, 1, N*K, 7]`` (the fork's is ``[1, 1, n, 7]`` with ``n`` found at
+    run time): ``K = keep_top_k``, or ``(classes - background) * top_k`` candidates when
+    ``keep_top_k`` is -1. Image ``i`` owns rows ``i*K .. i*K+K-1``: its detections first,
+    ``[i, label, score, xmin, ymin, xmax, ymax]`` in the fork's order (label ascending, best
+    score first within a label), then padding rows ``[i, -1, -1, -1, -1, -1, -1]`` (label -1:
+    the fork's own "no detection" row). Read the detections as the rows with ``label >= 0``.
+    """
+
+    exact_bottoms = 3
+    exact_tops = 1
+
+    def setup(self, bottom_shapes):
+        p = ssd_layer(self.param).detection_output_param
+        if not p.HasField("num_classes"):
+            raise self.error("detection_output_param needs num_classes")
+        self.num_classes = int(p.num_classes)
+        self.share_location = bool(p.share_location)
+        self.num_loc_classes = 1 if self.share_location else self.num_classes
+        self.background_label_id = int(p.background_label_id)
+        self.code_type = int(p.code_type)
+        self.variance_encoded_in_target = bool(p.variance_encoded_in_target)
+        self.keep_top_k = int(p.keep_top_k)
+        self.confidence_threshold = (float(p.confidence_threshold)
+                                     if p.HasField("confidence_threshold") else -np.inf)
+        self.nms_threshold = float(p.nms_param.nms_threshold)
+        if self.nms_threshold < 0:
+            raise self.error(f"nms_threshold must be non-negative, got {self.nms_threshold:g}")
+        self.eta = float(p.nms_param.eta)
+        if not 0 < self.eta <= 1:
+            raise self.error(f"nms_param.eta must be in (0, 1], got {self.eta:g}")
+        self.top_k = int(p.nms_param.top_k) if p.nms_param.HasField("top_k") else -1
+        so = p.save_output_param
+        if so.output_directory or p.visualize:
+            what = "save_output_param.output_directory" if so.output_directory else "visualize"
+            warnings.warn(f"layer '{self.name}' (type DetectionOutput): {what} is not "
+                          f"supported and is ignored: the detections are the layer's top",
+                          stacklevel=2)
+        loc, conf, prior = bottom_shapes
+        if loc[0] != conf[0]:
+            raise self.shape_error("mbox_loc and mbox_conf disagree on the batch size")
+        if len(prior) != 3 or prior[:2] != (1, 2) or prior[2] % 4:
+            raise self.shape_error("the prior boxes must be [1, 2, 4 * num_priors]")
+        self.num_priors = prior[2] // 4
+        if count(loc, 1) != self.num_priors * self.num_loc_classes * 4:
+            raise self.shape_error(f"{self.num_priors} priors need "
+                                   f"{self.num_priors * self.num_loc_classes * 4} location "
+                                   f"predictions per item")
+        if count(conf, 1) != self.num_priors * self.num_classes:
+            raise self.shape_error(f"{self.num_priors} priors x {self.num_classes} classes "
+                                   f"need {self.num_priors * self.num_classes} confidences "
+                                   f"per item")
+        self.classes = [c for c in range(self.num_classes) if c != self.background_label_id]
+        if not self.classes:
+            raise self.error("no class but the background to detect")
+        t = self.num_priors if self.top_k < 0 else min(self.top_k, self.num_priors)
+        self.candidates = t
+        total = len(self.classes) * t
+        self.rows = total if self.keep_top_k < 0 else self.keep_top_k
+        self.num = loc[0]
+        return [(1, 1, self.num * self.rows, 7)]
+
+    def detect(self, loc: jax.Array, conf: jax.Array, priors: jax.Array) -> jax.Array:
+        """Rows ``[K, 7]`` of one image (image id column 0) from ``loc [P*L*4]``, ``conf
+        [P*C]`` and the prior blob ``[2, P*4]``."""
+        p = self.num_priors
+        prior_boxes_ = priors[0].reshape(p, 4)
+        variances = priors[1].reshape(p, 4)
+        loc = loc.reshape(p, self.num_loc_classes, 4).transpose(1, 0, 2)
+        boxes = decode_boxes(loc, prior_boxes_, variances, self.code_type,
+                             self.variance_encoded_in_target)  # [L, P, 4]
+        scores = conf.reshape(p, self.num_classes).T  # [C, P]
+        cls = np.asarray(self.classes)
+        cls_boxes = boxes[0][None].repeat(len(cls), 0) if self.share_location else boxes[cls]
+        keep, top, idx = jax.vmap(
+            lambda b, s: nms(b, s, self.confidence_threshold, self.nms_threshold, self.eta,
+                             self.top_k))(cls_boxes, scores[cls])  # [C', T] each
+        flat_score = jnp.where(keep, top, -jnp.inf).reshape(-1)
+        k = min(self.rows, flat_score.shape[0])
+        best, pos = jax.lax.top_k(flat_score, k)
+        ok = best > -jnp.inf
+        ci = pos // self.candidates
+        label = jnp.asarray(cls)[ci]
+        # The fork's order: label ascending, best score first within a label (stable sort).
+        order = jnp.argsort(jnp.where(ok, label, self.num_classes), stable=True)
+        ok, ci, label, best = ok[order], ci[order], label[order], best[order]
+        prior_i = idx.reshape(-1)[pos[order]]
+        box = cls_boxes[ci, prior_i]
+        dt = loc.dtype
+        rows = jnp.concatenate([label[:, None].astype(dt), best[:, None].astype(dt), box],
+                               axis=1)
+        rows = jnp.where(ok[:, None], rows, jnp.asarray(-1, dt))
+        if k < self.rows:
+            rows = jnp.concatenate([rows, jnp.full((self.rows - k, 6), -1, dt)])
+        return rows
+
+    def apply(self, blobs, bottoms, ctx):
+        loc, conf, priors = bottoms
+        n = loc.shape[0]
+        rows = jax.vmap(lambda l, c: self.detect(l, c, priors[0]))(
+            loc.reshape(n, -1), conf.reshape(n, -1))  # [N, K, 6]
+        image = jnp.broadcast_to(jnp.arange(n, dtype=rows.dtype)[:, None, None],
+                                 (n, self.rows, 1))
+        out = jnp.concatenate([image, rows], axis=2)
+        return [jax.lax.stop_gradient(out).reshape(1, 1, n * self.rows, 7)]
+
+
+def detections(top) -> list[np.ndarray]:
+    """A DetectionOutput top ``[1, 1, N*K, 7]`` as the fork's rows per image: a list of ``N``
+    arrays ``[n_i, 7]`` (``[image, label, score, xmin, ymin, xmax, ymax]``), padding dropped."""
+    rows = np.asarray(top).reshape(-1, 7)
+    n = int(rows[:, 0].max()) + 1 if rows.size else 0
+    return [rows[(rows[:, 0] == i) & (rows[:, 1] >= 0)] for i in range(n)]
