@@ -223,26 +223,27 @@ class PriorBox(Layer):
 
 def decode_boxes(loc: jax.Array, priors: jax.Array, variances: jax.Array, code_type: int,
                  variance_encoded_in_target: bool) -> jax.Array:
-    """The fork's DecodeBBox: predictions ``loc [..., P, 4]`` against priors / variances
-    ``[P, 4]``, giving boxes ``[..., P, 4]``.
+    """The fork's DecodeBBox: predictions ``loc [L, P, 4]`` against priors / variances
+    ``[P, 4]``, giving boxes ``[L, P, 4]``.
 
     CORNER: ``prior + v * loc`` per corner. CENTER_SIZE: centre ``v0 * l0 * pw + pcx``,
     ``v1 * l1 * ph + pcy``, size ``exp(v2 * l2) * pw``, ``exp(v3 * l3) * ph``. CORNER_SIZE:
     ``prior + v * loc * (pw or ph)``. With ``variance_encoded_in_target`` every ``v`` is 1.
     """
-    v = jnp.ones_like(variances) if variance_encoded_in_target else variances
+    priors = priors[None]
+    v = jnp.ones_like(priors) if variance_encoded_in_target else variances[None]
     if code_type == CodeType.CORNER:
         return priors + v * loc
-    pw = priors[:, 2] - priors[:, 0]
-    ph = priors[:, 3] - priors[:, 1]
+    pw = priors[..., 2] - priors[..., 0]
+    ph = priors[..., 3] - priors[..., 1]
     if code_type == CodeType.CORNER_SIZE:
         return priors + v * loc * jnp.stack([pw, ph, pw, ph], axis=-1)
-    pcx = (priors[:, 0] + priors[:, 2]) / 2
-    pcy = (priors[:, 1] + priors[:, 3]) / 2
-    cx = v[:, 0] * loc[..., 0] * pw + pcx
-    cy = v[:, 1] * loc[..., 1] * ph + pcy
-    w = jnp.exp(v[:, 2] * loc[..., 2]) * pw
-    h = jnp.exp(v[:, 3] * loc[..., 3]) * ph
+    pcx = (priors[..., 0] + priors[..., 2]) / 2
+    pcy = (priors[..., 1] + priors[..., 3]) / 2
+    cx = v[..., 0] * loc[..., 0] * pw + pcx
+    cy = v[..., 1] * loc[..., 1] * ph + pcy
+    w = jnp.exp(v[..., 2] * loc[..., 2]) * pw
+    h = jnp.exp(v[..., 3] * loc[..., 3]) * ph
     return jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
 
 
@@ -285,7 +286,7 @@ def nms(boxes: jax.Array, scores: jax.Array, score_threshold: float, nms_thresho
 
     def step(i, state):
         keep, thr = state
-        ov = jaccard(cand[i], cand)
+        ov = jaccard(jnp.broadcast_to(cand[i], cand.shape), cand)
         ok = valid[i] & jnp.all(~keep | (ov <= thr))
         keep = keep.at[i].set(ok)
         if eta < 1:
