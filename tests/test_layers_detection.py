@@ -287,9 +287,21 @@ def test_detection_output_shape_checks():
 cv2 = pytest.importorskip("cv2")
 
 
-def _sorted_rows(rows):
-    rows = np.asarray(rows, np.float64).reshape(-1, 7)
-    return rows[np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))]
+def assert_same_detections(ours, theirs, score_tol=1e-5, box_tol=1e-4):
+    """Each row of ``ours`` pairs with its own row of ``theirs``: same image and label, scores
+    within ``score_tol``, corners within ``box_tol`` (rows are matched, not compared in order:
+    two scores a float32 rounding apart may come out in either order)."""
+    ours = np.asarray(ours, np.float64).reshape(-1, 7)
+    theirs = np.asarray(theirs, np.float64).reshape(-1, 7)
+    theirs = theirs[theirs[:, 1] >= 0]
+    assert len(ours) == len(theirs)
+    free = np.ones(len(theirs), bool)
+    for row in ours:
+        close = (free & (theirs[:, 0] == row[0]) & (theirs[:, 1] == row[1])
+                 & (np.abs(theirs[:, 2] - row[2]) <= score_tol)
+                 & (np.abs(theirs[:, 3:] - row[3:]).max(axis=1) <= box_tol))
+        assert close.any(), f"no OpenCV detection matches {row}"
+        free[np.argmax(close)] = False
 
 
 def compare_with_opencv(prototxt, tmp_path, x, key=0):
@@ -321,7 +333,34 @@ def test_tiny_ssd_blobs_match_opencv(tiny):
 def test_tiny_ssd_detections_match_opencv(tiny):
     net, out, cv_out = tiny
     ours = np.concatenate(detections(out["detection_out"]))
-    theirs = cv_out["detection_out"].reshape(-1, 7)
-    theirs = theirs[theirs[:, 1] >= 0]
-    assert len(ours) == len(theirs) > 20
-    np.testing.assert_allclose(_sorted_rows(ours), _sorted_rows(theirs), rtol=1e-4, atol=1e-5)
+    assert len(ours) > 20
+    assert_same_detections(ours, cv_out["detection_out"])
+
+
+ZOO_SSD300 = DATA.parents[1] / ".." / "shared" / "zoo" / "ssd300_voc0712_deploy.prototxt"
+
+
+@pytest.fixture(scope="module")
+def ssd300(tmp_path_factory):
+    if not ZOO_SSD300.exists():
+        pytest.skip("../shared/zoo is absent")
+    # An image-like input (BGR minus the VOC mean: about -120 .. 130).
+    x = np.random.default_rng(1).uniform(-120, 130, (1, 3, 300, 300)).astype(np.float32)
+    with pytest.warns(UserWarning, match="save_output_param.output_directory is not supported"):
+        return compare_with_opencv(ZOO_SSD300, tmp_path_factory.mktemp("ssd300"), x)
+
+
+def test_ssd300_matches_opencv(ssd300):
+    """The zoo's SSD300 (VGG-16, 8732 priors, 21 classes) on any weights: jcaffe and OpenCV
+    give the same priors, loc / conf blobs (to float32 rounding over VGG-16's depth) and
+    detections."""
+    net, out, cv_out = ssd300
+    assert net.blob_shapes["mbox_priorbox"] == (1, 2, 4 * 8732)
+    assert net.blob_shapes["mbox_conf_flatten"] == (1, 8732 * 21)
+    assert net.blob_shapes["detection_out"] == (1, 1, 200, 7)  # keep_top_k 200
+    for name, tol in (("mbox_priorbox", 1e-6), ("mbox_loc", 1e-4), ("mbox_conf_flatten", 1e-4)):
+        ours, theirs = np.asarray(out[name]).reshape(-1), cv_out[name].reshape(-1)
+        assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max(), name
+    ours = detections(out["detection_out"])[0]
+    assert len(ours) == 200
+    assert_same_detections(ours, cv_out["detection_out"])
