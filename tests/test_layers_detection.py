@@ -313,7 +313,7 @@ def compare_with_opencv(prototxt, tmp_path, x, key=0):
     cvnet.setInput(x)
     names = ["mbox_priorbox", "mbox_loc", "mbox_conf_flatten", "detection_out"]
     cv_out = dict(zip(names, cvnet.forward(names)))
-    return net, out, cv_out
+    return net, out, cv_out, model
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +323,7 @@ def tiny(tmp_path_factory):
 
 
 def test_tiny_ssd_blobs_match_opencv(tiny):
-    net, out, cv_out = tiny
+    net, out, cv_out, _ = tiny
     assert net.blob_shapes["mbox_priorbox"] == (1, 2, 1408)  # 8*8*4 + 4*4*6 = 352 priors
     for name in ("mbox_priorbox", "mbox_loc", "mbox_conf_flatten"):
         np.testing.assert_allclose(np.asarray(out[name]), cv_out[name].reshape(out[name].shape),
@@ -331,10 +331,35 @@ def test_tiny_ssd_blobs_match_opencv(tiny):
 
 
 def test_tiny_ssd_detections_match_opencv(tiny):
-    net, out, cv_out = tiny
+    net, out, cv_out, _ = tiny
     ours = np.concatenate(detections(out["detection_out"]))
     assert len(ours) > 20
     assert_same_detections(ours, cv_out["detection_out"])
+
+
+def test_detector_reads_the_padded_top_per_image(tiny):
+    """jcaffe.Detector over 3 images with a batch-2 net: two forward passes, image ids 0..2,
+    padding dropped; the detections are OpenCV's on the same preprocessed inputs."""
+    import jcaffe
+
+    _, _, _, model = tiny
+    rng = np.random.default_rng(5)
+    images = [rng.uniform(0, 1, (32, 32, 3)).astype(np.float32) for _ in range(3)]
+    det = jcaffe.Detector(str(TINY), str(model), raw_scale=2.0, mean=np.ones(3))
+    found = det.detect(images, threshold=0.35)
+    assert [int(r[0, 0]) for r in found] == [0, 1, 2]
+    assert all(np.all(r[:, 2] >= 0.35) for r in found)
+    cvnet = cv2.dnn.readNetFromCaffe(str(TINY), str(model))
+    x = np.stack([im.transpose(2, 0, 1) * 2.0 - 1.0 for im in images] + [np.zeros((3, 32, 32))])
+    for start in (0, 2):
+        cvnet.setInput(x[start:start + 2].astype(np.float32))
+        theirs = cvnet.forward("detection_out").reshape(-1, 7).copy()
+        theirs = theirs[(theirs[:, 0] == 0) | (start == 0)]
+        theirs = theirs[theirs[:, 2] >= 0.35]
+        theirs[:, 0] += start
+        ours = np.concatenate(found[start:start + 2])
+        assert len(ours) > 0
+        assert_same_detections(ours, theirs)
 
 
 ZOO_SSD300 = DATA.parents[1] / ".." / "shared" / "zoo" / "ssd300_voc0712_deploy.prototxt"
@@ -354,7 +379,7 @@ def test_ssd300_matches_opencv(ssd300):
     """The zoo's SSD300 (VGG-16, 8732 priors, 21 classes) on any weights: jcaffe and OpenCV
     give the same priors, loc / conf blobs (to float32 rounding over VGG-16's depth) and
     detections."""
-    net, out, cv_out = ssd300
+    net, out, cv_out, _ = ssd300
     assert net.blob_shapes["mbox_priorbox"] == (1, 2, 4 * 8732)
     assert net.blob_shapes["mbox_conf_flatten"] == (1, 8732 * 21)
     assert net.blob_shapes["detection_out"] == (1, 1, 200, 7)  # keep_top_k 200
