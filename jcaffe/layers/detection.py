@@ -421,3 +421,304 @@ def detections(top) -> list[np.ndarray]:
     rows = np.asarray(top).reshape(-1, 7)
     n = int(rows[:, 0].max()) + 1 if rows.size else 0
     return [rows[(rows[:, 0] == i) & (rows[:, 1] >= 0)] for i in range(n)]
+
+
+# -- training: MultiBoxLoss ---------------------------------------------------------------
+MBL = ssd_pb2.MultiBoxLossParameter
+_FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
+def encode_boxes(gt: jax.Array, priors: jax.Array, variances: jax.Array, code_type: int,
+                 encode_variance_in_target: bool) -> jax.Array:
+    """The fork's EncodeBBox (the inverse of :func:`decode_boxes`): ground-truth boxes ``gt
+    [..., P, 4]`` as targets relative to priors ``[P, 4]``. The variances divide the target
+    unless ``encode_variance_in_target``."""
+    v = jnp.ones_like(variances) if encode_variance_in_target else variances
+    if code_type == CodeType.CORNER:
+        return (gt - priors) / v
+    pw = priors[..., 2] - priors[..., 0]
+    ph = priors[..., 3] - priors[..., 1]
+    if code_type == CodeType.CORNER_SIZE:
+        return (gt - priors) / jnp.stack([pw, ph, pw, ph], axis=-1) / v
+    pcx = (priors[..., 0] + priors[..., 2]) / 2
+    pcy = (priors[..., 1] + priors[..., 3]) / 2
+    gw = gt[..., 2] - gt[..., 0]
+    gh = gt[..., 3] - gt[..., 1]
+    gcx = (gt[..., 0] + gt[..., 2]) / 2
+    gcy = (gt[..., 1] + gt[..., 3]) / 2
+    return jnp.stack([(gcx - pcx) / pw / v[..., 0], (gcy - pcy) / ph / v[..., 1],
+                      jnp.log(gw / pw) / v[..., 2], jnp.log(gh / ph) / v[..., 3]], axis=-1)
+
+
+def match_priors(priors: jax.Array, gt: jax.Array, gt_valid: jax.Array, match_type: int,
+                 overlap_threshold: float, ignore_cross_boundary: bool):
+    """The fork's MatchBBox (label -1, priors as the predictions) for one image.
+
+    ``gt [G, 4]`` with ``gt_valid [G]`` (the image's boxes; padding rows invalid). First a
+    greedy bipartite matching: repeatedly the (prior, box) pair of largest overlap among
+    unmatched priors and unused boxes (first in prior-then-box order on ties); then, with
+    PER_PREDICTION, each prior still unmatched takes its best box of overlap
+    ``>= overlap_threshold``. Overlaps ``<= 1e-6`` never match. With
+    ``ignore_cross_boundary`` a prior reaching outside [0, 1] is index -2 (never a positive
+    nor a negative). Returns ``(match [P] int32: box index or -1 / -2, overlap [P])``, the
+    overlap being the matched box's, else the best one.
+    """
+    p, g = priors.shape[0], gt.shape[0]
+    ov = jaccard(jnp.broadcast_to(priors[:, None, :], (p, g, 4)),
+                 jnp.broadcast_to(gt[None, :, :], (p, g, 4)))
+    stored = gt_valid[None, :] & (ov > 1e-6)
+    match = jnp.full((p,), -1, jnp.int32)
+    if ignore_cross_boundary:
+        cross = jnp.any((priors < 0) | (priors > 1), axis=1)
+        match = jnp.where(cross, -2, match)
+        stored = stored & ~cross[:, None]
+    best = jnp.max(jnp.where(stored, ov, 0.0), axis=1)
+
+    def step(_, state):
+        match, overlap, pool = state
+        cand = stored & (match == -1)[:, None] & pool[None, :]
+        flat = jnp.argmax(jnp.where(cand, ov, -1.0).reshape(-1))
+        i, j = flat // g, flat % g
+        ok = cand.reshape(-1)[flat]
+        match = jnp.where(ok, match.at[i].set(j.astype(jnp.int32)), match)
+        overlap = jnp.where(ok, overlap.at[i].set(ov[i, j]), overlap)
+        pool = jnp.where(ok, pool.at[j].set(False), pool)
+        return match, overlap, pool
+
+    match, overlap, _ = jax.lax.fori_loop(0, g, step, (match, best, jnp.ones((g,), bool)))
+    if match_type == MBL.PER_PREDICTION:
+        ok = stored & (ov >= overlap_threshold)
+        j = jnp.argmax(jnp.where(ok, ov, -1.0), axis=1)
+        take = (match == -1) & jnp.any(ok, axis=1)
+        match = jnp.where(take, j.astype(jnp.int32), match)
+        overlap = jnp.where(take, jnp.take_along_axis(ov, j[:, None], 1)[:, 0], overlap)
+    return match, overlap
+
+
+@register("MultiBoxLoss")
+class MultiBoxLoss(Layer):
+    """The fork's MultiBoxLoss: bottoms ``loc [N, P*4]``, ``conf [N, P*C]`` (scores before
+    the softmax / sigmoid), ``priors [1, 2, P*4]``, ``label [1, 1, G, 8]`` (the fork's
+    ground truth rows ``[item_id, label, instance_id, xmin, ymin, xmax, ymax, difficult]``);
+    top the scalar loss.
+
+    Static shapes: ``G`` is fixed by the data layer; rows with ``item_id == -1`` are padding
+    and ignored (the fork's own marker for "no box"), so a batch with fewer boxes pads with
+    them. Difficult boxes are left out unless ``use_difficult_gt``.
+
+    Per image, priors are matched to boxes (:func:`match_priors`). Positives: the matched
+    priors, their loc target :func:`encode_boxes` of the box (``bp_inside``: coordinates of a
+    prior outside [0, 1] take the target as prediction), their class the box's label. With
+    MAX_NEGATIVE mining, negatives are the ``min(int(num_pos * neg_pos_ratio), eligible)``
+    unmatched priors (best overlap ``< neg_overlap``) of largest background confidence loss;
+    without mining every unmatched prior of the batch is a negative. ``loss = loc_weight *
+    L_loc / n + L_conf / n`` with ``L_loc`` the SmoothL1 sum (``0.5 d^2`` for ``|d| < 1``,
+    else ``|d| - 0.5``) or half the squared L2 sum over the positives, ``L_conf`` the softmax
+    (``-log max(p, FLT_MIN)``) or logistic cross-entropy sum over positives and negatives, and
+    ``n`` from ``loss_param.normalization`` (VALID: the number of positives; never below 1).
+    Matching and mining are index choices without gradient: the gradient flows into ``loc``
+    and ``conf`` only, as the fork's backward.
+
+    Not supported (an error when the net is built): ``share_location: false``,
+    ``use_prior_for_matching: false``, HARD_EXAMPLE mining, NMS inside mining
+    (``nms_param``), ``map_object_to_agnostic``.
+    """
+
+    exact_bottoms = 4
+    exact_tops = 1
+    is_loss = True
+
+    def setup(self, bottom_shapes):
+        p = ssd_layer(self.param).multibox_loss_param
+        if not p.HasField("num_classes") or p.num_classes < 1:
+            raise self.error("multibox_loss_param needs num_classes >= 1")
+        self.num_classes = int(p.num_classes)
+        for field, bad, why in (("share_location", False, "share_location: false"),
+                                ("use_prior_for_matching", False,
+                                 "use_prior_for_matching: false"),
+                                ("map_object_to_agnostic", True, "map_object_to_agnostic")):
+            if getattr(p, field) == bad:
+                raise self.error(f"{why} is not supported")
+        self.mining = int(p.mining_type)
+        if p.HasField("do_neg_mining") and p.do_neg_mining != (self.mining != MBL.NONE):
+            raise self.error("do_neg_mining disagrees with mining_type (do_neg_mining is "
+                             "deprecated: use mining_type)")
+        if self.mining == MBL.HARD_EXAMPLE:
+            raise self.error("mining_type HARD_EXAMPLE is not supported (use MAX_NEGATIVE)")
+        if self.mining != MBL.NONE and p.HasField("nms_param") and p.nms_param.nms_threshold > 0:
+            raise self.error("nms_param inside hard negative mining is not supported")
+        self.background_label_id = int(p.background_label_id)
+        self.conf_loss_type = int(p.conf_loss_type)
+        if self.conf_loss_type == MBL.SOFTMAX and not (
+                0 <= self.background_label_id < self.num_classes):
+            raise self.error("background_label_id must be within [0, num_classes) for SOFTMAX")
+        self.loc_loss_type = int(p.loc_loss_type)
+        self.loc_weight = float(p.loc_weight)
+        self.match_type = int(p.match_type)
+        self.overlap_threshold = float(p.overlap_threshold)
+        self.use_difficult_gt = bool(p.use_difficult_gt)
+        self.neg_pos_ratio = float(p.neg_pos_ratio)
+        self.neg_overlap = float(p.neg_overlap)
+        self.code_type = int(p.code_type)
+        self.encode_variance_in_target = bool(p.encode_variance_in_target)
+        self.ignore_cross_boundary = bool(p.ignore_cross_boundary_bbox)
+        self.bp_inside = bool(p.bp_inside)
+        lp = self.param.loss_param
+        if not lp.HasField("normalization") and lp.HasField("normalize"):
+            self.normalization = (caffe_pb2.LossParameter.VALID if lp.normalize
+                                  else caffe_pb2.LossParameter.BATCH_SIZE)
+        else:
+            self.normalization = int(lp.normalization)
+        pd = list(self.param.propagate_down)
+        self.use_loc = bool(pd[0]) if pd else True
+        self.use_conf = bool(pd[1]) if len(pd) > 1 else True
+        loc, conf, prior, label = bottom_shapes
+        if loc[0] != conf[0]:
+            raise self.shape_error("loc and conf disagree on the batch size")
+        if len(prior) != 3 or prior[:2] != (1, 2) or prior[2] % 4:
+            raise self.shape_error("the prior boxes must be [1, 2, 4 * num_priors]")
+        self.num = loc[0]
+        self.num_priors = prior[2] // 4
+        if count(loc, 1) != self.num_priors * 4:
+            raise self.shape_error(f"{self.num_priors} priors need {self.num_priors * 4} "
+                                   f"location predictions per item")
+        if count(conf, 1) != self.num_priors * self.num_classes:
+            raise self.shape_error(f"{self.num_priors} priors x {self.num_classes} classes "
+                                   f"need {self.num_priors * self.num_classes} confidences "
+                                   f"per item")
+        if count(label) % 8 or (len(label) == 4 and label[3] != 8):
+            raise self.shape_error("the label blob must be [1, 1, num_gt, 8]")
+        self.num_gt = count(label) // 8
+        return [()]
+
+    def targets(self, conf, priors, label):
+        """Matching and mining (no gradient): ``(match [N, P], box [N, P, 4], cls [N, P],
+        neg [N, P])``: each prior's box row or -1 / -2, that row's corners and label, and
+        whether it is a mined negative."""
+        p = self.num_priors
+        pb, pv = priors[0, 0].reshape(p, 4), priors[0, 1].reshape(p, 4)
+        rows = label.reshape(self.num_gt, 8)
+        item = rows[:, 0].astype(jnp.int32)
+        keep = item != -1
+        if not self.use_difficult_gt:
+            keep = keep & (rows[:, 7] == 0)
+        boxes = rows[:, 3:7]
+        labels = rows[:, 1].astype(jnp.int32)
+        conf = conf.reshape(self.num, p, self.num_classes)
+
+        def one(i, conf_i):
+            valid = keep & (item == i)
+            match, overlap = match_priors(pb, boxes, valid, self.match_type,
+                                          self.overlap_threshold, self.ignore_cross_boundary)
+            pos = match > -1
+            j = jnp.maximum(match, 0)
+            if self.mining == MBL.NONE:
+                return match, boxes[j], labels[j], jnp.zeros((p,), bool)
+            # Background confidence loss ranks the eligible negatives (descending).
+            bg = self.background_label_id
+            if self.conf_loss_type == MBL.SOFTMAX:
+                mine_loss = -jnp.maximum(jax.nn.log_softmax(conf_i, axis=-1)[:, bg],
+                                         math.log(_FLT_MIN))
+            else:
+                t = (jnp.arange(self.num_classes, dtype=jnp.int32) == bg).astype(conf_i.dtype)
+                mine_loss = jnp.sum(_logistic_loss(conf_i, t[None, :]), axis=-1)
+            eligible = (match == -1) & (overlap < self.neg_overlap)
+            num_pos = jnp.sum(pos, dtype=jnp.int32)
+            num_sel = jnp.minimum(
+                jnp.floor(num_pos.astype(jnp.float32) * np.float32(self.neg_pos_ratio)
+                          ).astype(jnp.int32), jnp.sum(eligible, dtype=jnp.int32))
+            order = jnp.argsort(jnp.where(eligible, -mine_loss, jnp.inf), stable=True)
+            rank = jnp.zeros((p,), jnp.int32).at[order].set(jnp.arange(p, dtype=jnp.int32))
+            neg = eligible & (rank < num_sel)
+            return match, boxes[j], labels[j], neg
+
+        return jax.vmap(one)(jnp.arange(self.num, dtype=jnp.int32), conf)
+
+    def apply(self, blobs, bottoms, ctx):
+        loc, conf, priors, label = bottoms
+        dt = loc.dtype
+        p, c = self.num_priors, self.num_classes
+        match, box, cls, neg = jax.lax.stop_gradient(
+            self.targets(jax.lax.stop_gradient(conf), jax.lax.stop_gradient(priors),
+                         jax.lax.stop_gradient(label)))
+        pos = match > -1
+        num_matches = jnp.sum(pos, dtype=jnp.int32)
+        normalizer = self._normalizer(num_matches, dt)
+        pb = jax.lax.stop_gradient(priors[0, 0].reshape(p, 4))
+        pv = jax.lax.stop_gradient(priors[0, 1].reshape(p, 4))
+        loss = jnp.zeros((), dt)
+        if self.use_loc:
+            pred = loc.reshape(self.num, p, 4)
+            safe_box = jnp.where(pos[..., None], box, pb[None])  # finite targets off the matches
+            gt = encode_boxes(safe_box, pb[None], pv[None], self.code_type,
+                              self.encode_variance_in_target)
+            if self.bp_inside:
+                outside = (pb < 0) | (pb > 1)
+                pred = jnp.where(outside[None], gt, pred)
+            if self.encode_variance_in_target:
+                pred, gt = pred / pv[None], gt / pv[None]
+            d = pred - jax.lax.stop_gradient(gt)
+            if self.loc_loss_type == MBL.SMOOTH_L1:
+                per = jnp.where(jnp.abs(d) < 1, 0.5 * d * d, jnp.abs(d) - 0.5)
+            else:
+                per = 0.5 * d * d
+            loc_loss = jnp.sum(jnp.where(pos[..., None], per, 0))
+            loss = loss + np.asarray(self.loc_weight, dt) * loc_loss / normalizer
+        if self.use_conf:
+            x = conf.reshape(self.num, p, c)
+            bg = self.background_label_id
+            counted = pos | neg if self.mining != MBL.NONE else jnp.ones_like(pos)
+            target_cls = jnp.where(pos, cls, bg)
+            if self.conf_loss_type == MBL.SOFTMAX:
+                from jcaffe.layers.loss import _clamped_log
+
+                logp = jax.nn.log_softmax(x, axis=-1)
+                picked = jnp.take_along_axis(logp, target_cls[..., None], -1)[..., 0]
+                per = -_clamped_log(picked, _FLT_MIN)
+                conf_loss = jnp.sum(jnp.where(counted, per, 0))
+            else:
+                t = self._logistic_targets(pos, neg, cls, dt)
+                conf_loss = jnp.sum(jnp.where(counted[..., None], _logistic_loss(x, t), 0))
+            loss = loss + conf_loss / normalizer
+        return [loss]
+
+    def _logistic_targets(self, pos, neg, cls, dt):
+        """The fork's conf_gt for the LOGISTIC loss: filled with ``background_label_id``'s
+        value, 1 at a positive's label; with mining, 1 at a negative's background class.
+        Without mining the fork steps through the targets by ``P`` (not ``P * C``) per image,
+        so image ``i``'s ones land at flat index ``i*P + j*C + label``: reproduced."""
+        n, p, c = self.num, self.num_priors, self.num_classes
+        bg = self.background_label_id
+        onehot = jnp.arange(c, dtype=jnp.int32)[None, None, :]
+        if self.mining != MBL.NONE:
+            t = jnp.where(pos[..., None] & (onehot == cls[..., None]), 1.0,
+                          float(bg)).astype(dt)
+            if 0 <= bg < c:
+                t = jnp.where(neg[..., None] & (onehot == bg), jnp.asarray(1, dt), t)
+            return t
+        flat = jnp.full((n * p * c,), float(bg), dt)
+        i = jnp.arange(n, dtype=jnp.int32)[:, None]
+        j = jnp.arange(p, dtype=jnp.int32)[None, :]
+        where = jnp.where(pos, i * p + j * c + cls, n * p * c)  # out of range: dropped
+        return flat.at[where.reshape(-1)].set(1, mode="drop").reshape(n, p, c)
+
+    def _normalizer(self, num_matches, dt):
+        """LossLayer::GetNormalizer(normalization, N, P, num_matches), never below 1."""
+        mode = self.normalization
+        lp = caffe_pb2.LossParameter
+        if mode == lp.FULL:
+            n = jnp.asarray(self.num * self.num_priors, dt)
+        elif mode == lp.VALID:
+            n = num_matches.astype(dt)
+        elif mode == lp.BATCH_SIZE:
+            n = jnp.asarray(self.num, dt)
+        else:
+            n = jnp.asarray(1, dt)
+        return jnp.maximum(n, jnp.asarray(1, dt))
+
+
+def _logistic_loss(x, t):
+    """Caffe's SigmoidCrossEntropyLoss term: ``-(x (t - [x >= 0]) - log(1 + exp(x - 2x[x >=
+    0])))``, elementwise."""
+    pos = (x >= 0).astype(x.dtype)
+    return -(x * (t - pos) - jnp.log1p(jnp.exp(x - 2 * x * pos)))
