@@ -13,6 +13,7 @@ Boxes are ``[xmin, ymin, xmax, ymax]`` in coordinates normalized to the image (t
 from __future__ import annotations
 
 import math
+from typing import Sequence
 import warnings
 
 import jax
@@ -722,3 +723,172 @@ def _logistic_loss(x, t):
     0])))``, elementwise."""
     pos = (x >= 0).astype(x.dtype)
     return -(x * (t - pos) - jnp.log1p(jnp.exp(x - 2 * x * pos)))
+
+
+# -- test nets: DetectionEvaluate and the solver's mAP ------------------------------------
+@register("DetectionEvaluate")
+class DetectionEvaluate(Layer):
+    """The fork's DetectionEvaluate: bottoms the detections ``[1, 1, D, 7]`` (a DetectionOutput
+    top) and the ground truth ``[1, 1, G, 8]`` (the data layer's label rows; the rows from the
+    first with ``item_id == -1`` on are ignored, as the fork's GetGroundTruth stops there).
+
+    Top ``[1, 1, C' + D, 5]`` (``C'`` the classes but the background), rows ``[image, label,
+    score, tp, fp]``: first one row per class ``[-1, c, num_pos_c, -1, -1]`` (its ground-truth
+    count, difficult boxes included only with ``evaluate_difficult_gt``); then each detection
+    in the fork's order (image, label ascending, best score first). Within an image and label,
+    best score first, a detection is a true positive when its largest overlap with that
+    label's boxes is ``>= overlap_threshold`` and that box is not taken yet, else a false
+    positive; matched to a difficult box without ``evaluate_difficult_gt`` it is neither
+    (tp = fp = 0, which the solver skips). The fork's top has one row per valid detection;
+    this one is fixed-size: rows of detections with label -1 (DetectionOutput's padding) are
+    ``[-2, -1, 0, 0, 0]``, skipped by the solver's accumulation (tp = fp = 0) as the fork's
+    would. See :func:`average_precisions` for the mAP the solver logs.
+    """
+
+    exact_bottoms = 2
+    exact_tops = 1
+
+    def setup(self, bottom_shapes):
+        p = ssd_layer(self.param).detection_evaluate_param
+        if not p.HasField("num_classes"):
+            raise self.error("detection_evaluate_param needs num_classes")
+        self.num_classes = int(p.num_classes)
+        self.background_label_id = int(p.background_label_id)
+        self.overlap_threshold = float(p.overlap_threshold)
+        if self.overlap_threshold <= 0:
+            raise self.error("overlap_threshold must be positive")
+        self.evaluate_difficult_gt = bool(p.evaluate_difficult_gt)
+        if p.name_size_file or p.HasField("resize_param"):
+            raise self.error("name_size_file / resize_param (evaluation in pixel "
+                             "coordinates) are not supported: boxes are compared normalized")
+        det, gt = bottom_shapes
+        if count(det) % 7 or (len(det) == 4 and (det[:2] != (1, 1) or det[3] != 7)):
+            raise self.shape_error("the detections must be [1, 1, D, 7]")
+        if count(gt) % 8 or (len(gt) == 4 and (gt[:2] != (1, 1) or gt[3] != 8)):
+            raise self.shape_error("the ground truth must be [1, 1, G, 8]")
+        self.num_det = count(det) // 7
+        self.num_gt = count(gt) // 8
+        self.classes = [c for c in range(self.num_classes) if c != self.background_label_id]
+        return [(1, 1, len(self.classes) + self.num_det, 5)]
+
+    def apply(self, blobs, bottoms, ctx):
+        det = jax.lax.stop_gradient(bottoms[0]).reshape(self.num_det, 7)
+        gt = jax.lax.stop_gradient(bottoms[1]).reshape(self.num_gt, 8)
+        dt = det.dtype
+        g_item = gt[:, 0].astype(jnp.int32)
+        g_ok = jnp.cumprod((g_item != -1).astype(jnp.int32)) > 0
+        g_label = gt[:, 1].astype(jnp.int32)
+        g_diff = gt[:, 7] != 0
+        counted = g_ok & (self.evaluate_difficult_gt | ~g_diff)
+        cls = jnp.asarray(self.classes, jnp.int32)
+        num_pos = jnp.sum(counted[None, :] & (g_label[None, :] == cls[:, None]), axis=1)
+        head = jnp.stack([jnp.full(cls.shape, -1, dt), cls.astype(dt), num_pos.astype(dt),
+                          jnp.full(cls.shape, -1, dt), jnp.full(cls.shape, -1, dt)], axis=1)
+
+        d_item = det[:, 0].astype(jnp.int32)
+        d_label = det[:, 1].astype(jnp.int32)
+        d_ok = (d_item != -1) & (d_label != -1)
+        # The fork's order: image, label ascending, score descending (stable on ties).
+        big = jnp.iinfo(jnp.int32).max
+        order = jnp.lexsort((-det[:, 2], jnp.where(d_ok, d_label, big),
+                             jnp.where(d_ok, d_item, big)))
+        det, d_item, d_label, d_ok = det[order], d_item[order], d_label[order], d_ok[order]
+
+        def step(k, state):
+            visited, tp, fp = state
+            same = g_ok & (g_item == d_item[k]) & (g_label == d_label[k])
+            ov = jaccard(jnp.broadcast_to(det[k, 3:7], (self.num_gt, 4)), gt[:, 3:7])
+            ov = jnp.where(same, ov, -1.0)
+            j = jnp.argmax(ov)
+            hit = same[j] & (ov[j] >= self.overlap_threshold)
+            scored = ~hit | self.evaluate_difficult_gt | ~g_diff[j]
+            new = hit & scored & ~visited[j]
+            tp = tp.at[k].set(jnp.where(d_ok[k] & new, 1, 0))
+            fp = fp.at[k].set(jnp.where(d_ok[k] & scored & ~new, 1, 0))
+            visited = jnp.where(d_ok[k] & new, visited.at[j].set(True), visited)
+            return visited, tp, fp
+
+        zeros = jnp.zeros((self.num_det,), jnp.int32)
+        _, tp, fp = jax.lax.fori_loop(0, self.num_det, step,
+                                      (jnp.zeros((self.num_gt,), bool), zeros, zeros))
+        rows = jnp.stack([det[:, 0], det[:, 1], det[:, 2], tp.astype(dt), fp.astype(dt)], axis=1)
+        pad = jnp.asarray([-2, -1, 0, 0, 0], dt)
+        rows = jnp.where(d_ok[:, None], rows, pad[None, :])
+        return [jnp.concatenate([head, rows]).reshape(self.top_shapes[0])]
+
+
+def average_precision(tp: Sequence, fp: Sequence, scores: Sequence, num_pos: int,
+                      ap_version: str = "Integral") -> float:
+    """The fork's ComputeAP: detections sorted by score (stable, descending), cumulative
+    true / false positives, precision ``tp / (tp + fp)``, recall ``tp / num_pos``; AP as
+    ``11point`` (VOC2007: mean over recall 0, 0.1, ..., 1 of the best precision at recall >=
+    r), ``MaxIntegral`` (VOC2012: area under the monotone precision envelope) or ``Integral``
+    (the natural integral, sum of precision x recall step). 0 without detections or
+    positives."""
+    eps = 1e-6
+    if len(tp) == 0 or num_pos == 0:
+        return 0.0
+    order = np.argsort(-np.asarray(scores, np.float32), kind="stable")
+    tpc = np.cumsum(np.asarray(tp, np.int64)[order])
+    fpc = np.cumsum(np.asarray(fp, np.int64)[order])
+    prec = (tpc / (tpc + fpc)).astype(np.float32)
+    rec = (tpc / num_pos).astype(np.float32)
+    n = len(prec)
+    ap = np.float32(0)
+    if ap_version == "11point":
+        max_precs = [np.float32(0)] * 11
+        start = n - 1
+        for j in range(10, -1, -1):
+            for i in range(start, -1, -1):
+                if rec[i] < j / 10.0:
+                    start = i
+                    if j > 0:
+                        max_precs[j - 1] = max_precs[j]
+                    break
+                if max_precs[j] < prec[i]:
+                    max_precs[j] = prec[i]
+        for j in range(10, -1, -1):
+            ap += np.float32(max_precs[j] / np.float32(11))
+    elif ap_version == "MaxIntegral":
+        cur_rec, cur_prec = rec[-1], prec[-1]
+        for i in range(n - 2, -1, -1):
+            cur_prec = max(prec[i], cur_prec)
+            if abs(cur_rec - rec[i]) > eps:
+                ap += cur_prec * abs(cur_rec - rec[i])
+            cur_rec = rec[i]
+        ap += cur_rec * cur_prec
+    elif ap_version == "Integral":
+        prev = np.float32(0)
+        for i in range(n):
+            if abs(rec[i] - prev) > eps:
+                ap += prec[i] * abs(rec[i] - prev)
+            prev = rec[i]
+    else:
+        raise ValueError(f"unknown ap_version '{ap_version}' (11point, MaxIntegral, Integral)")
+    return float(ap)
+
+
+def average_precisions(results: Sequence, ap_version: str = "Integral"
+                       ) -> tuple[float, dict[int, float]]:
+    """The fork's Solver::TestDetection over the DetectionEvaluate tops of the test
+    iterations: ``(mAP, {label: AP})``. Rows with image -1 add to a class's positives; other
+    rows add ``(score, tp, fp)`` to their label's list unless tp = fp = 0. The mAP is the sum
+    of the APs over the number of classes with a positives row (a class without any
+    detection adds 0)."""
+    num_pos: dict[int, int] = {}
+    found: dict[int, list] = {}
+    for top in results:
+        for item, label, score, tp, fp in np.asarray(top, np.float32).reshape(-1, 5):
+            item, label = int(item), int(label)
+            if item == -1:
+                num_pos[label] = num_pos.get(label, 0) + int(score)
+            elif int(tp) or int(fp):
+                found.setdefault(label, []).append((score, int(tp), int(fp)))
+    aps = {}
+    for label, n in sorted(num_pos.items()):
+        if label not in found:
+            continue
+        s, tp, fp = zip(*found[label])
+        aps[label] = average_precision(tp, fp, s, n, ap_version)
+    mean = sum(aps.values()) / len(num_pos) if num_pos else 0.0
+    return mean, aps
