@@ -22,6 +22,7 @@ import numpy as np
 
 from jcaffe import fillers
 from jcaffe.layers.base import Layer, count, register
+from jcaffe.layers.data import DataLayerBase
 from jcaffe.proto import caffe_pb2, ssd_layer, ssd_pb2
 
 CodeType = ssd_pb2.PriorBoxParameter.CodeType
@@ -892,3 +893,71 @@ def average_precisions(results: Sequence, ap_version: str = "Integral"
         aps[label] = average_precision(tp, fp, s, n, ap_version)
     mean = sum(aps.values()) / len(num_pos) if num_pos else 0.0
     return mean, aps
+
+
+# -- training data: AnnotatedData ---------------------------------------------------------
+@register("AnnotatedData")
+class AnnotatedData(DataLayerBase):
+    """The fork's AnnotatedData: ``AnnotatedDatum`` records of an LMDB (``data_param``:
+    ``source``, ``batch_size``; the fork's ``create_annoset`` or
+    ``jcaffe.tools.create_annoset`` writes them), transformed on the host as the fork's
+    ``load_batch`` does (:mod:`jcaffe.data.annotated`: ``distort_param``, ``expand_param``,
+    ``annotated_data_param.batch_sampler``, ``resize_param``, crop, mirror, mean,
+    ``emit_constraint``).
+
+    Tops: data ``[B, C, H, W]`` (the size ``resize_param`` / ``crop_size`` give) and the
+    label ``[1, 1, G, 8]``: the fork's rows ``[item, label, instance, xmin, ymin, xmax, ymax,
+    difficult]``. The fork's label blob has as many rows as the batch has boxes; a compiled
+    step needs a static ``G``, so ``G = batch_size x`` the most boxes any record holds (read
+    once at setup), and the rows past the batch's boxes are -1 (MultiBoxLoss and
+    DetectionEvaluate skip them, as the fork's "no box" row).
+    """
+
+    min_tops = 1
+    max_tops = 2
+
+    def setup(self, bottom_shapes):
+        from jcaffe.data.annotated import AnnotatedLMDB, AnnotatedTransform, parse_annotated
+
+        dp = self.param.data_param
+        if not dp.source:
+            raise self.error("data_param.source is not set")
+        self.batch_size = self._check_batch_size(dp.batch_size)
+        self.prefetch = max(1, int(dp.prefetch))
+        sp = ssd_layer(self.param)
+        ap, tp = sp.annotated_data_param, sp.transform_param
+        self.where = f"layer '{self.name}' (type AnnotatedData): "
+        if ap.HasField("anno_type") and ap.anno_type != ssd_pb2.AnnotatedDatum.BBOX:
+            raise self.error("only anno_type BBOX is supported")
+        self.source_path = dp.source
+        self.transform = AnnotatedTransform(tp, ap.batch_sampler,
+                                            self.phase == caffe_pb2.TRAIN, self.where)
+        self.force = (bool(tp.force_color), bool(tp.force_gray))
+        db = AnnotatedLMDB(dp.source, self.where)
+        try:
+            first = parse_annotated(db.value(0), db.record_where(0), *self.force)
+            most = 0
+            for i in range(len(db)):
+                rec = ssd_pb2.AnnotatedDatum.FromString(db.value(i))
+                most = max(most, sum(len(g.annotation) for g in rec.annotation_group))
+        finally:
+            db.close()
+        self.num_gt = max(1, most * self.batch_size)
+        h, w = self.transform.output_hw(first.image.shape[:2])
+        c = first.image.shape[2]
+        b = self.batch_size
+        self._specs = [(self.top_names[0], (b, c, h, w), np.dtype(np.float32))]
+        tops = [(b, c, h, w)]
+        if len(self.top_names) > 1:
+            self._specs.append((self.top_names[1], (1, 1, self.num_gt, 8), np.dtype(np.float32)))
+            tops.append((1, 1, self.num_gt, 8))
+        return tops
+
+    def make_reader(self, seed=None):
+        from jcaffe.data.annotated import AnnotatedLMDB, AnnotatedReader
+
+        return AnnotatedReader(self, seed, AnnotatedLMDB(self.source_path, self.where),
+                               self.transform, self.num_gt, *self.force)
+
+    def apply(self, blobs, bottoms, ctx):
+        return [jnp.asarray(b).astype(jnp.float32) for b in bottoms]
