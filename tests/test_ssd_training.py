@@ -259,3 +259,19 @@ def test_small_ssd_trains_its_multibox_loss_falls(trained, capfd):
     losses = [float(v) for v in re.findall(r"Iteration \d+.*?, loss = ([\d.eE+-]+)", err)]
     assert len(losses) >= 10, err[-2000:]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
+
+
+def test_jcaffe_test_prints_detection_eval(trained, capfd):
+    """After training, ``jcaffe test`` scores the TEST net's DetectionEvaluate output as the
+    fork's solver does: one ``detection_eval = <mAP>`` line, not one line per element. The 8
+    training images, seen 300 times, are found again."""
+    model = trained / "ssd_iter_300.caffemodel"
+    assert model.exists()
+    rc = cli.main(["test", f"--model={trained / 'net.prototxt'}", f"--weights={model}",
+                   "--iterations=2", "--ap_version=11point"])
+    _, err = capfd.readouterr()
+    assert rc == 0, err[-3000:]
+    found = re.findall(r"detection_eval = ([\d.eE+-]+) \(mAP, 11point\)", err)
+    assert len(found) == 1, err[-2000:]
+    assert "Batch 0, detection_eval" not in err
+    assert 0.5 < float(found[0]) <= 1, found
