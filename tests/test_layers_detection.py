@@ -23,6 +23,7 @@ from layer_utils import check_gradient, run
 
 DATA = pathlib.Path(__file__).parent / "data"
 TINY = DATA / "ssd_tiny_deploy.prototxt"
+MOBILENET = DATA / "mobilenet_ssd_tiny_deploy.prototxt"
 
 
 def make(text, bottom_shapes, phase=caffe_pb2.TEST):
@@ -307,6 +308,13 @@ def assert_same_detections(ours, theirs, score_tol=1e-5, box_tol=1e-4):
 def compare_with_opencv(prototxt, tmp_path, x, key=0):
     net = Net(str(prototxt), "TEST", verbose=False)
     params = net.init(jax.random.key(key))
+    rng = np.random.default_rng(key)
+    for layer in net.layers:
+        if layer.type == "BatchNorm":  # trained-looking statistics: mean, variance, factor 1
+            c = layer.blob_shapes[0][0]
+            params[layer.name] = [rng.normal(0, 0.2, c).astype(np.float32),
+                                  rng.uniform(0.5, 2, c).astype(np.float32),
+                                  np.ones(1, np.float32)]
     model = save_caffemodel(tmp_path / "w.caffemodel", net, params)
     out = jax.jit(lambda p, x: net.apply(p, {"data": x}))(params, x)
     cvnet = cv2.dnn.readNetFromCaffe(str(prototxt), str(model))
@@ -334,6 +342,21 @@ def test_tiny_ssd_detections_match_opencv(tiny):
     net, out, cv_out, _ = tiny
     ours = np.concatenate(detections(out["detection_out"]))
     assert len(ours) > 20
+    assert_same_detections(ours, cv_out["detection_out"])
+
+
+def test_mobilenet_ssd_layout_matches_opencv(tmp_path):
+    """Depthwise convolutions with BatchNorm + Scale, a PriorBox without max_size, one with
+    img_h / img_w and step_h / step_w, clip, a non-square input (MobileNet-SSD's layout)."""
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 3, 32, 48)).astype(np.float32)
+    net, out, cv_out, _ = compare_with_opencv(MOBILENET, tmp_path, x)
+    assert net.blob_shapes["mbox_priorbox"] == (1, 2, 4 * (16 * 24 * 3 + 8 * 12 * 6))
+    for name in ("mbox_priorbox", "mbox_loc", "mbox_conf_flatten"):
+        ours, theirs = np.asarray(out[name]).reshape(-1), cv_out[name].reshape(-1)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max(),
+                                   err_msg=name)
+    ours = detections(out["detection_out"])[0]
+    assert len(ours) >= 10
     assert_same_detections(ours, cv_out["detection_out"])
 
 
