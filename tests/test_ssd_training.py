@@ -85,8 +85,10 @@ def test_create_annoset_writes_the_forks_records(annoset):
         assert ad.datum.data == (root / "img" / f"{recs.index((_, ad))}.png").read_bytes()
         got = [(g.group_label, a.instance_id, a.bbox.xmin, a.bbox.ymin, a.bbox.xmax,
                 a.bbox.ymax, a.bbox.difficult) for g in ad.annotation_group for a in g.annotation]
-        want = sorted([({"red": 1, "blue": 2}[c], 0, x0 / 64, y0 / 48, x1 / 64, y1 / 48, bool(d))
-                       for c, x0, y0, x1, y1, d in objs], key=lambda t: t[0] != got[0][0])
+        # One group per label in order of first appearance: here the XML's order (an image's
+        # two objects have different classes).
+        want = [({"red": 1, "blue": 2}[c], 0, x0 / 64, y0 / 48, x1 / 64, y1 / 48, bool(d))
+                for c, x0, y0, x1, y1, d in objs]
         np.testing.assert_allclose([g[2:6] for g in got], [w[2:6] for w in want], rtol=1e-6)
         assert [g[:2] + g[6:] for g in got] == [w[:2] + w[6:] for w in want]
 
@@ -135,7 +137,7 @@ def test_annotated_data_resize_mean_and_label_rows(annoset):
 
 
 def test_batch_sampler_crops_meet_their_constraint_and_boxes_follow(annoset):
-    from jcaffe.data.annotated import coverage, jaccard
+    from jcaffe.data.annotated import jaccard, sample_boxes
 
     root, _ = annoset
     layer = build_data(root, 'resize_param { resize_mode: WARP height: 24 width: 24 } '
@@ -143,8 +145,6 @@ def test_batch_sampler_crops_meet_their_constraint_and_boxes_follow(annoset):
                        sampler='batch_sampler { sampler { min_scale: 0.3 max_scale: 1 '
                        'min_aspect_ratio: 0.5 max_aspect_ratio: 2 } sample_constraint { '
                        'min_jaccard_overlap: 0.3 } max_sample: 1 max_trials: 50 }')
-    from jcaffe.data.annotated import sample_boxes
-
     rng = np.random.default_rng(0)
     objects = [np.asarray([0.2, 0.2, 0.5, 0.6], np.float32)]
     sampler = layer.transform.samplers
@@ -160,7 +160,6 @@ def test_batch_sampler_crops_meet_their_constraint_and_boxes_follow(annoset):
             rows = rows[rows[:, 0] >= 0]
             assert np.all((rows[:, 3:7] >= 0) & (rows[:, 3:7] <= 1))
             assert np.all(rows[:, 5] > rows[:, 3]) and np.all(rows[:, 6] > rows[:, 4])
-    del coverage
 
 
 def conv(name, bottom, n, stride=1):

@@ -320,9 +320,8 @@ class AnnotatedTransform:
         h_off = float(np.floor(rng.uniform(0, eh - h)))
         w_off = float(np.floor(rng.uniform(0, ew - w)))
         canvas = np.zeros((eh, ew, c), np.uint8)
-        if self.mean is not None:
-            canvas[:] = (np.resize(self.mean, c) if len(self.mean) in (1, c) else 0).astype(
-                np.uint8)
+        if self.mean is not None and len(self.mean) in (1, c):
+            canvas[:] = np.resize(self.mean, c).astype(np.uint8)  # the fork fills the mean
         canvas[int(h_off):int(h_off) + h, int(w_off):int(w_off) + w] = item.image
         frame = np.asarray([-w_off / w, -h_off / h, (ew - w_off) / w, (eh - h_off) / h],
                            np.float32)
@@ -468,9 +467,8 @@ class AnnotatedReader(BatchReader):
         label = np.full((1, 1, self.num_gt, 8), -1, np.float32)
         if rows:
             label[0, 0, :len(rows)] = np.asarray(rows, np.float32)
-        shapes = {t: s for t, s in self.specs.items()}
         x = np.stack(data)
-        want = shapes[self.tops[0]][0]
+        want = self.specs[self.tops[0]][0]
         if tuple(x.shape[1:]) != tuple(want):
             raise DataError(f"layer '{self.layer.name}': transformed images are "
                             f"{list(x.shape[1:])}, the top is {list(want)} (give resize_param "
