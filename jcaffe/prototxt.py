@@ -125,6 +125,10 @@ _KERNELSIZE = re.compile(
     r'"kernelsize"')
 _FIELD_BEFORE = re.compile(r"([A-Za-z_]\w*)\s*:?\s*$")
 
+# The SSD fork's SolverParameter fields: eval_type = 41 and ap_version = 42 are BVLC's
+# layer_wise_reduce and weights.
+_SSD_SOLVER_FIELDS = ("eval_type", "ap_version", "show_per_class_result")
+
 _ARTICLE = {"integer": "an integer", "float": "a float", "double": "a float", "bool": "a bool"}
 
 
@@ -225,6 +229,11 @@ def _rephrase(body: str, lines: list[str], line: int, col: int, text: str) -> st
             fork = _fork_message(field, lines, line, col, text)
             if fork:
                 return fork
+        if type_name == "SolverParameter" and field in _SSD_SOLVER_FIELDS:
+            return (f"field '{field}' belongs to a Caffe fork, SSD (weiliu89/caffe, ssd branch), "
+                    f"not to BVLC Caffe: its field number clashes with BVLC's SolverParameter, "
+                    f"so jcaffe cannot read it; remove it (`jcaffe test --ap_version` scores a "
+                    f"DetectionEvaluate output as mAP)")
         msg = f"unknown field '{field}' in {type_name}"
         try:
             desc = caffe_pb2.DESCRIPTOR.pool.FindMessageTypeByName(m.group(1))

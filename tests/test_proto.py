@@ -163,3 +163,16 @@ def test_ssd_fields_survive_bvlc_message_and_text_writing(tmp_path):
     assert "across_spatial: false" in out.read_text()
     again = prototxt.read_net(str(out))
     assert ssd_layer(again.layer[1]).norm_param.eps == 0.5
+
+
+def test_ssd_solver_fields_get_the_fork_error(tmp_path):
+    from jcaffe import prototxt
+    from jcaffe.errors import ProtoError
+
+    path = tmp_path / "solver.prototxt"
+    path.write_text('net: "x.prototxt"\nbase_lr: 0.1\neval_type: "detection"\n')
+    with pytest.raises(ProtoError) as e:
+        prototxt.read_solver(str(path), resolve_paths=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3:1: field 'eval_type' belongs to a Caffe fork, SSD")
+    assert "\n" not in msg and "remove it" in msg
