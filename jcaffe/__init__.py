@@ -29,6 +29,7 @@ _LAZY = {
     "Trainer": "jcaffe.train",
     "JcaffeError": "jcaffe.errors",
     "Classifier": "jcaffe.classifier",
+    "Detector": "jcaffe.classifier",
     "net_spec": "jcaffe.net_spec",
 }
 

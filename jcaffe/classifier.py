@@ -371,3 +371,44 @@ class Classifier:
         if oversample:
             predictions = predictions.reshape(len(predictions) // 10, 10, -1).mean(1)
         return predictions
+
+
+class Detector(Classifier):
+    """An SSD-style detector (the SSD fork's ``examples/ssd/ssd_detect.py``): a TEST-phase net
+    whose output is a DetectionOutput top. Images (``H x W x K`` floats in [0, 1], as
+    :func:`load_image` reads them) are warped to the net's input size and preprocessed as
+    :class:`Classifier` does (``mean``, ``raw_scale``, ``input_scale``, ``channel_swap``).
+
+    ``detect(images)`` returns one array per image of its detections ``[n, 7]``: ``[image,
+    label, score, xmin, ymin, xmax, ymax]`` with corners normalized to the image (multiply by
+    its width / height for pixels), in the fork's order, ``score >= threshold``. The
+    DetectionOutput top is fixed-size (``keep_top_k`` rows per image, padded with label -1
+    rows): :func:`jcaffe.layers.detection.detections` drops the padding.
+    """
+
+    def __init__(self, model_file, pretrained_file, mean=None, input_scale=None,
+                 raw_scale=None, channel_swap=None, output=None):
+        super().__init__(model_file, pretrained_file, mean=mean, input_scale=input_scale,
+                         raw_scale=raw_scale, channel_swap=channel_swap)
+        outs = [l.top_names[0] for l in self.net.layers if l.type == "DetectionOutput"]
+        self.output = output or (outs[-1] if outs else None)
+        if self.output is None or self.output not in self.outputs:
+            raise NetError(f"{model_file}: the net has no DetectionOutput output blob")
+
+    def detect(self, images: Sequence[np.ndarray], threshold: float = 0.0) -> list[np.ndarray]:
+        from jcaffe.layers.detection import detections
+
+        batch = self.preprocess_batch(images, oversample=False)
+        b = self.batch_size
+        found: list[np.ndarray] = []
+        for start in range(0, len(batch), b):
+            chunk = batch[start:start + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.zeros((b - n,) + chunk.shape[1:], np.float32)])
+            top = self._forward(self.params, {self.inputs[0]: chunk})[self.output]
+            for i, rows in enumerate(detections(top)[:n]):
+                rows = rows[rows[:, 2] >= threshold].copy()
+                rows[:, 0] = start + i
+                found.append(rows)
+        return found

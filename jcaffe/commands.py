@@ -86,19 +86,32 @@ def test_command(argv) -> int:
     fn = jax.jit(lambda p, b: net.loss(p, b, train=False, frozen=False))
     totals: dict[str, np.ndarray] = {}
     loss_sum = 0.0
+    # SSD test nets: a DetectionEvaluate output is scored as the fork's solver does (mAP).
+    evals = {t: [] for l in net.layers if l.type == "DetectionEvaluate" for t in l.top_names
+             if t in net.output_names}
     for i in range(args.iterations):
         batch = feed.host_batch(i) if feed else _synthetic_inputs(net, np.random.default_rng(i))
         loss, (blobs, _) = fn(params, batch)
         loss_sum += float(loss)
         k = 0
         for name in net.output_names:
+            if name in evals:
+                evals[name].append(np.asarray(blobs[name]))
+                continue
             vals = np.ravel(np.asarray(blobs[name], np.float64))
             totals[name] = totals.get(name, 0) + vals
             for v in vals:
                 _log.info("Batch %d, %s = %.6g", i, name, v)
                 k += 1
     _log.info("Loss: %.6g", loss_sum / args.iterations)
+    for name, tops in evals.items():
+        from jcaffe.layers.detection import average_precisions
+
+        _log.info("%s = %.6g (mAP, %s)", name, average_precisions(tops, args.ap_version)[0],
+                  args.ap_version)
     for name in net.output_names:
+        if name in evals:
+            continue
         w = net.output_loss_weight(name)
         for v in totals[name] / args.iterations:
             if w:
@@ -130,6 +143,10 @@ def _model_flags(parser):
     parser.add_argument("--phase", default="", choices=["", "TRAIN", "TEST"])
     parser.add_argument("--level", type=int, default=0)
     parser.add_argument("--stage", default="")
+    parser.add_argument("--ap_version", default="Integral",
+                        choices=["11point", "MaxIntegral", "Integral"],
+                        help="how test scores a DetectionEvaluate output (the SSD fork's "
+                             "solver ap_version)")
 
 
 def _timeit(fn, *args, iterations: int):

@@ -26,7 +26,7 @@ from google.protobuf import text_format
 
 from jcaffe._atomic import atomic_write
 from jcaffe.errors import ProtoError, read_bytes
-from jcaffe.proto import caffe_pb2
+from jcaffe.proto import caffe_pb2, ssd_pb2
 from jcaffe.upgrade import upgrade_net, upgrade_solver
 
 _BINARY_SUFFIXES = {".caffemodel", ".binaryproto", ".solverstate", ".protobin", ".pb"}
@@ -85,7 +85,9 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 def write_text(path: str, message: pb_message.Message) -> None:
     """Writes ``message`` in text format (Caffe's WriteProtoToTextFile), atomically: a reader
-    never sees a half-written file."""
+    never sees a half-written file. A net's SSD fork fields are written too."""
+    if isinstance(message, caffe_pb2.NetParameter):
+        message = ssd_pb2.NetParameter.FromString(message.SerializeToString())
     _atomic_write(path, text_format.MessageToString(message).encode("utf-8"))
 
 
@@ -123,11 +125,18 @@ _KERNELSIZE = re.compile(
     r'"kernelsize"')
 _FIELD_BEFORE = re.compile(r"([A-Za-z_]\w*)\s*:?\s*$")
 
+# The SSD fork's SolverParameter fields: eval_type = 41 and ap_version = 42 are BVLC's
+# layer_wise_reduce and weights.
+_SSD_SOLVER_FIELDS = ("eval_type", "ap_version", "show_per_class_result")
+
 _ARTICLE = {"integer": "an integer", "float": "a float", "double": "a float", "bool": "a bool"}
 
 
 def _short_type(full_name: str) -> str:
-    return full_name[len("caffe."):] if full_name.startswith("caffe.") else full_name
+    for package in ("caffe.ssd.", "caffe."):
+        if full_name.startswith(package):
+            return full_name[len(package):]
+    return full_name
 
 
 def _field_before(lines: list[str], line: int, col: int) -> str | None:
@@ -207,8 +216,8 @@ def _fork_message(field: str, lines: list[str], line: int, col: int, text: str) 
     subject = f"field '{field}'"
     if layer_type and not fork_note(field=field) and fork_note(layer_type):
         subject = f"field '{field}' and its layer type"
-    return (f"{where}: {subject} {note}; jcaffe reads BVLC Caffe's caffe.proto "
-            f"(remove or replace the layer)")
+    return (f"{where}: {subject} {note}; jcaffe reads BVLC Caffe's caffe.proto and the SSD "
+            f"fork's fields (remove or replace the layer)")
 
 
 def _rephrase(body: str, lines: list[str], line: int, col: int, text: str) -> str:
@@ -220,6 +229,11 @@ def _rephrase(body: str, lines: list[str], line: int, col: int, text: str) -> st
             fork = _fork_message(field, lines, line, col, text)
             if fork:
                 return fork
+        if type_name == "SolverParameter" and field in _SSD_SOLVER_FIELDS:
+            return (f"field '{field}' belongs to a Caffe fork, SSD (weiliu89/caffe, ssd branch), "
+                    f"not to BVLC Caffe: its field number clashes with BVLC's SolverParameter, "
+                    f"so jcaffe cannot read it; remove it (`jcaffe test --ap_version` scores a "
+                    f"DetectionEvaluate output as mAP)")
         msg = f"unknown field '{field}' in {type_name}"
         try:
             desc = caffe_pb2.DESCRIPTOR.pool.FindMessageTypeByName(m.group(1))
@@ -362,10 +376,18 @@ def _check_net(net: caffe_pb2.NetParameter, filename: str, empty_source: bool) -
         raise ProtoError(f"{filename}:1:1: the net defines no layers")
 
 
+def _parse_net(text: str, filename: str) -> caffe_pb2.NetParameter:
+    """A text NetParameter read with BVLC's fields and the SSD fork's (``ssd.proto``): the
+    result is BVLC's message, the fork's fields kept in it as unknown fields (same wire bytes;
+    :func:`jcaffe.proto.ssd_fields` reads them back)."""
+    net = _parse_text(text, ssd_pb2.NetParameter(), filename)
+    return caffe_pb2.NetParameter.FromString(net.SerializeToString())
+
+
 def parse_net_text(text: str, filename: str = "<string>", upgrade: bool = True,
                    require_layers: bool = True) -> caffe_pb2.NetParameter:
     """Parses a text NetParameter and (by default) upgrades it to the current format."""
-    net = _parse_text(text, caffe_pb2.NetParameter(), filename)
+    net = _parse_net(text, filename)
     if upgrade:
         net = upgrade_net(net, filename)
     if require_layers:
@@ -401,7 +423,7 @@ def read_net_raw(path: str, binary: bool | None = None) -> caffe_pb2.NetParamete
             pos = _binary_position(data) or (1, 1)
             raise ProtoError(f"{path}:{pos[0]}:{pos[1]}: neither a text prototxt (binary byte "
                              f"here) nor a valid binary NetParameter") from None
-    return _parse_text(_decode_text(data), caffe_pb2.NetParameter(), path)
+    return _parse_net(_decode_text(data), path)
 
 
 def read_net(path: str) -> caffe_pb2.NetParameter:

@@ -301,14 +301,14 @@ def test_sharing_layer_mismatched_mult_is_an_error(owner, sharer, field):
 
 
 # -- nets from Caffe forks --------------------------------------------------------------------
-FORK_FIELD = """name: "ssdish"
+FORK_FIELD = """name: "frcnnish"
 layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }
 layer {
-  name: "conv4_3_norm"
-  type: "Normalize"
+  name: "roi_pool5"
+  type: "ROIPooling"
   bottom: "x"
   top: "n"
-  norm_param { across_spatial: false }
+  roi_pooling_param { pooled_w: 6 pooled_h: 6 }
 }
 """
 
@@ -317,14 +317,14 @@ def test_fork_field_is_one_line_naming_file_line_layer_and_fork(tmp_path):
     from jcaffe import prototxt
     from jcaffe.errors import ProtoError
 
-    path = tmp_path / "ssdish.prototxt"
+    path = tmp_path / "frcnnish.prototxt"
     path.write_text(FORK_FIELD)
     with pytest.raises(ProtoError) as e:
         prototxt.read_net(str(path))
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith(f"{path}:8:3: layer 'conv4_3_norm' (type Normalize): field "
-                          f"'norm_param' belongs to a Caffe fork, SSD")
+    assert msg.startswith(f"{path}:8:3: layer 'roi_pool5' (type ROIPooling): field "
+                          f"'roi_pooling_param' belongs to a Caffe fork, Fast/Faster R-CNN")
     assert "not to BVLC Caffe" in msg
 
 
@@ -340,7 +340,8 @@ def test_typo_field_still_gets_a_suggestion(tmp_path):
 
 
 @pytest.mark.parametrize("layer_type,why", [
-    ("Permute", "belongs to a Caffe fork, SSD"),
+    ("VideoData", "belongs to a Caffe fork, SSD"),
+    ("ROIPooling", "belongs to a Caffe fork, Fast/Faster R-CNN"),
     ("MyOwnLayer", "is not BVLC Caffe's \\(the net probably comes from a Caffe fork\\)"),
 ])
 def test_fork_layer_type_is_named_as_such(layer_type, why):

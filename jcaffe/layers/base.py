@@ -78,7 +78,7 @@ def known_types() -> list[str]:
 
 
 _FAMILIES = ("vision", "neuron", "common", "loss", "norm", "data", "recurrent", "spatial",
-             "python")
+             "detection", "python")
 
 
 def _load_families() -> None:

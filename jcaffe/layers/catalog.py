@@ -23,7 +23,9 @@ _FRCNN = "Fast/Faster R-CNN (rbgirshick/caffe-fast-rcnn)"
 _SEGNET = "SegNet (alexgkendall/caffe-segnet)"
 _DEEPLAB = "DeepLab (caffe-deeplab)"
 
-# Layer types and LayerParameter fields of forks -> the fork that defines them.
+# Layer types and LayerParameter fields of forks -> the fork that defines them. jcaffe reads
+# and implements the SSD fork's (jcaffe/proto/ssd.proto, jcaffe/layers/detection.py) except
+# VideoData / video_data_param; the notes still name the fork where a message needs one.
 FORK_LAYER_TYPES = {
     "Normalize": _SSD, "Permute": _SSD, "PriorBox": _SSD, "DetectionOutput": _SSD,
     "DetectionEvaluate": _SSD, "MultiBoxLoss": _SSD, "AnnotatedData": _SSD, "VideoData": _SSD,

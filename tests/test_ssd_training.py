@@ -1,0 +1,276 @@
+"""The SSD fork's training side end to end: VOC-style XML annotations of a handful of
+synthetic images -> ``create_annoset`` -> an AnnotatedDatum LMDB -> AnnotatedData ->
+a small SSD trained with MultiBoxLoss (its loss falls) and tested with DetectionOutput +
+DetectionEvaluate. References: the XML's own numbers, OpenCV's resize, the fork's
+sampling constraints."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from jcaffe import cli
+from jcaffe.proto import ssd_pb2
+
+cv2 = pytest.importorskip("cv2")
+
+LABELMAP = """item { name: "none_of_the_above" label: 0 display_name: "background" }
+item { name: "red" label: 1 display_name: "red" }
+item { name: "blue" label: 2 display_name: "blue" }
+"""
+XML = """<annotation><filename>{name}</filename>
+<size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>
+"""
+OBJECT = """<object><name>{cls}</name><difficult>{diff}</difficult>
+<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"""
+COLORS = {"red": (40, 40, 220), "blue": (220, 60, 40)}  # BGR
+
+
+def make_set(root, n=8, seed=0):
+    """``n`` images 64x48 (w x h) of grey noise with one or two filled rectangles, their VOC
+    XML, a label map and a list file; returns the per-image boxes (pixels)."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir()
+    (root / "xml").mkdir()
+    truth, lines = [], []
+    for i in range(n):
+        img = rng.integers(90, 140, (48, 64, 3)).astype(np.uint8)
+        objs = []
+        for k in range(1 + i % 2):
+            cls = ("red", "blue")[(i + k) % 2]
+            w, h = rng.integers(14, 30), rng.integers(12, 26)
+            x0, y0 = rng.integers(0, 64 - w), rng.integers(0, 48 - h)
+            img[y0:y0 + h, x0:x0 + w] = COLORS[cls]
+            objs.append((cls, int(x0), int(y0), int(x0 + w), int(y0 + h), int(k == 1 and i == 3)))
+        cv2.imwrite(str(root / "img" / f"{i}.png"), img)
+        (root / "xml" / f"{i}.xml").write_text(XML.format(name=f"{i}.png", w=64, h=48, objects="".join(
+            OBJECT.format(cls=c, diff=d, x0=a, y0=b, x1=e, y1=f) for c, a, b, e, f, d in objs)))
+        truth.append(objs)
+        lines.append(f"img/{i}.png xml/{i}.xml\n")
+    (root / "list.txt").write_text("".join(lines))
+    (root / "labelmap.prototxt").write_text(LABELMAP)
+    return truth
+
+
+@pytest.fixture(scope="module")
+def annoset(tmp_path_factory):
+    from jcaffe.tools.create_annoset import create_annoset
+
+    root = tmp_path_factory.mktemp("annoset")
+    truth = make_set(root)
+    n = create_annoset(str(root), str(root / "list.txt"), str(root / "lmdb"),
+                       str(root / "labelmap.prototxt"), log=lambda *a: None)
+    assert n == 8
+    return root, truth
+
+
+def records(path):
+    import lmdb
+
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        out = [(k.decode(), ssd_pb2.AnnotatedDatum.FromString(v)) for k, v in txn.cursor()]
+    env.close()
+    return out
+
+
+def test_create_annoset_writes_the_forks_records(annoset):
+    root, truth = annoset
+    recs = records(root / "lmdb")
+    assert [k for k, _ in recs] == [f"{i:08d}_img/{i}.png" for i in range(8)]
+    for (_, ad), objs in zip(recs, truth):
+        assert ad.type == ssd_pb2.AnnotatedDatum.BBOX and ad.datum.encoded
+        assert ad.datum.data == (root / "img" / f"{recs.index((_, ad))}.png").read_bytes()
+        got = [(g.group_label, a.instance_id, a.bbox.xmin, a.bbox.ymin, a.bbox.xmax,
+                a.bbox.ymax, a.bbox.difficult) for g in ad.annotation_group for a in g.annotation]
+        # One group per label in order of first appearance: here the XML's order (an image's
+        # two objects have different classes).
+        want = [({"red": 1, "blue": 2}[c], 0, x0 / 64, y0 / 48, x1 / 64, y1 / 48, bool(d))
+                for c, x0, y0, x1, y1, d in objs]
+        np.testing.assert_allclose([g[2:6] for g in got], [w[2:6] for w in want], rtol=1e-6)
+        assert [g[:2] + g[6:] for g in got] == [w[:2] + w[6:] for w in want]
+
+
+LAYER = """name: "d" type: "AnnotatedData" top: "data" top: "label"
+include {{ phase: {phase} }}
+data_param {{ source: "{source}" batch_size: {batch} }}
+transform_param {{ {transform} }}
+annotated_data_param {{ {sampler} label_map_file: "{labelmap}" }}
+"""
+
+
+def build_data(root, transform, sampler="", batch=4, phase="TRAIN"):
+    from jcaffe.net import Net
+    from jcaffe.prototxt import parse_net_text
+
+    text = "layer { " + LAYER.format(phase=phase, source=root / "lmdb", batch=batch,
+                                     transform=transform, sampler=sampler,
+                                     labelmap=root / "labelmap.prototxt") + " }"
+    return Net(parse_net_text(text), phase, verbose=False).layers[0]
+
+
+def test_annotated_data_resize_mean_and_label_rows(annoset):
+    root, truth = annoset
+    layer = build_data(root, 'mean_value: 104 mean_value: 117 mean_value: 123 scale: 0.5 '
+                       'resize_param { resize_mode: WARP height: 32 width: 40 '
+                       'interp_mode: LINEAR }')
+    assert layer.top_shapes == [(4, 3, 32, 40), (1, 1, 8, 8)]  # at most 2 boxes x batch 4
+    with layer.make_reader(seed=1) as reader:
+        batch = reader.next_batch()
+        second = reader.next_batch()
+    for k in range(4):
+        img = cv2.imread(str(root / "img" / f"{k}.png"))
+        want = (cv2.resize(img, (40, 32), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+                - [104, 117, 123]) * 0.5
+        np.testing.assert_allclose(batch["data"][k], want.transpose(2, 0, 1), atol=1e-4)
+    rows = batch["label"].reshape(-1, 8)
+    want = [[k, {"red": 1, "blue": 2}[c], 0, x0 / 64, y0 / 48, x1 / 64, y1 / 48, d]
+            for k in range(4) for c, x0, y0, x1, y1, d in truth[k]]
+    got = rows[rows[:, 0] >= 0]
+    got = got[np.lexsort((got[:, 1], got[:, 0]))]
+    want = np.asarray(sorted(want, key=lambda r: (r[0], r[1])), np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.all(rows[len(got):] == -1)
+    assert second["data"].shape == (4, 3, 32, 40)  # records 4..7
+
+
+def test_batch_sampler_crops_meet_their_constraint_and_boxes_follow(annoset):
+    from jcaffe.data.annotated import jaccard, sample_boxes
+
+    root, _ = annoset
+    layer = build_data(root, 'resize_param { resize_mode: WARP height: 24 width: 24 } '
+                       'emit_constraint { emit_type: CENTER }',
+                       sampler='batch_sampler { sampler { min_scale: 0.3 max_scale: 1 '
+                       'min_aspect_ratio: 0.5 max_aspect_ratio: 2 } sample_constraint { '
+                       'min_jaccard_overlap: 0.3 } max_sample: 1 max_trials: 50 }')
+    rng = np.random.default_rng(0)
+    objects = [np.asarray([0.2, 0.2, 0.5, 0.6], np.float32)]
+    sampler = layer.transform.samplers
+    for _ in range(20):
+        for box in sample_boxes(rng, objects, sampler):
+            assert jaccard(box, objects[0]) >= 0.3
+            w, h = box[2] - box[0], box[3] - box[1]
+            assert 0.3 - 1e-6 <= np.sqrt(w * h) <= 1 + 1e-6 and 0 <= box[0] and box[2] <= 1
+    with layer.make_reader(seed=3) as reader:
+        for _ in range(3):
+            b = reader.next_batch()
+            rows = b["label"].reshape(-1, 8)
+            rows = rows[rows[:, 0] >= 0]
+            assert np.all((rows[:, 3:7] >= 0) & (rows[:, 3:7] <= 1))
+            assert np.all(rows[:, 5] > rows[:, 3]) and np.all(rows[:, 6] > rows[:, 4])
+
+
+def conv(name, bottom, n, stride=1):
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+            f'convolution_param {{ num_output: {n} kernel_size: 3 pad: 1 stride: {stride} '
+            f'weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}\n')
+
+
+def ssd_net(root):
+    """A small SSD: three stride-2 convolutions, heads on the 8x8 and 4x4 maps."""
+    data = "\n".join("layer { " + LAYER.format(
+        phase=ph, source=root / "lmdb", batch=4, labelmap=root / "labelmap.prototxt",
+        transform=("mirror: true " if ph == "TRAIN" else "") +
+        "mean_value: 127 scale: 0.0078125 resize_param { resize_mode: WARP height: 32 "
+        "width: 32 interp_mode: LINEAR } emit_constraint { emit_type: CENTER }",
+        sampler=("batch_sampler { max_trials: 1 } batch_sampler { sampler { min_scale: 0.5 "
+                 "max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 } sample_constraint "
+                 "{ min_jaccard_overlap: 0.5 } max_sample: 1 max_trials: 20 }")
+        if ph == "TRAIN" else "") + " }" for ph in ("TRAIN", "TEST"))
+    out = [f'name: "ssd_train"\n{data}\n']
+    out += [conv("conv1", "data", 16, 2), 'layer { name: "r1" type: "ReLU" bottom: "conv1" top: "conv1" }\n',
+            conv("conv2", "conv1", 24, 2), 'layer { name: "r2" type: "ReLU" bottom: "conv2" top: "conv2" }\n',
+            conv("conv3", "conv2", 24, 2), 'layer { name: "r3" type: "ReLU" bottom: "conv3" top: "conv3" }\n']
+    for src, mn, mx in (("conv2", 8, 18), ("conv3", 18, 30)):
+        for kind, per in (("loc", 4), ("conf", 3)):
+            nm = f"{src}_{kind}"
+            out.append(conv(nm, src, 4 * per))
+            out.append(f'layer {{ name: "{nm}_perm" type: "Permute" bottom: "{nm}" top: "{nm}_perm" '
+                       f'permute_param {{ order: 0 order: 2 order: 3 order: 1 }} }}\n'
+                       f'layer {{ name: "{nm}_flat" type: "Flatten" bottom: "{nm}_perm" '
+                       f'top: "{nm}_flat" flatten_param {{ axis: 1 }} }}\n')
+        out.append(f'layer {{ name: "{src}_pb" type: "PriorBox" bottom: "{src}" bottom: "data" '
+                   f'top: "{src}_pb" prior_box_param {{ min_size: {mn} max_size: {mx} '
+                   f'aspect_ratio: 2 flip: true clip: false variance: 0.1 variance: 0.1 '
+                   f'variance: 0.2 variance: 0.2 }} }}\n')
+    for kind, axis, suffix in (("loc", 1, "_flat"), ("conf", 1, "_flat"), ("pb", 2, "")):
+        out.append(f'layer {{ name: "mbox_{kind}" type: "Concat" bottom: "conv2_{kind}{suffix}" '
+                   f'bottom: "conv3_{kind}{suffix}" top: "mbox_{kind}" '
+                   f'concat_param {{ axis: {axis} }} }}\n')
+    out.append('''layer { name: "mbox_loss" type: "MultiBoxLoss" bottom: "mbox_loc"
+  bottom: "mbox_conf" bottom: "mbox_pb" bottom: "label" top: "mbox_loss"
+  include { phase: TRAIN } propagate_down: true propagate_down: true
+  propagate_down: false propagate_down: false
+  loss_param { normalization: VALID }
+  multibox_loss_param { loc_loss_type: SMOOTH_L1 conf_loss_type: SOFTMAX loc_weight: 1
+    num_classes: 3 share_location: true match_type: PER_PREDICTION overlap_threshold: 0.5
+    use_prior_for_matching: true background_label_id: 0 use_difficult_gt: true
+    neg_pos_ratio: 3 neg_overlap: 0.5 code_type: CENTER_SIZE mining_type: MAX_NEGATIVE } }
+layer { name: "conf_reshape" type: "Reshape" bottom: "mbox_conf" top: "conf_reshape"
+  include { phase: TEST } reshape_param { shape { dim: 0 dim: -1 dim: 3 } } }
+layer { name: "conf_softmax" type: "Softmax" bottom: "conf_reshape" top: "conf_softmax"
+  include { phase: TEST } softmax_param { axis: 2 } }
+layer { name: "conf_flat" type: "Flatten" bottom: "conf_softmax" top: "conf_flat"
+  include { phase: TEST } }
+layer { name: "detection_out" type: "DetectionOutput" bottom: "mbox_loc" bottom: "conf_flat"
+  bottom: "mbox_pb" top: "detection_out" include { phase: TEST }
+  detection_output_param { num_classes: 3 share_location: true background_label_id: 0
+    nms_param { nms_threshold: 0.45 top_k: 50 } code_type: CENTER_SIZE keep_top_k: 20
+    confidence_threshold: 0.01 } }
+layer { name: "detection_eval" type: "DetectionEvaluate" bottom: "detection_out"
+  bottom: "label" top: "detection_eval" include { phase: TEST }
+  detection_evaluate_param { num_classes: 3 background_label_id: 0 overlap_threshold: 0.5
+    evaluate_difficult_gt: false } }
+''')
+    return "".join(out)
+
+
+SOLVER = """net: "{net}"
+base_lr: 0.01
+momentum: 0.9
+weight_decay: 0.0005
+lr_policy: "fixed"
+display: 25
+max_iter: {iters}
+snapshot: 0
+snapshot_after_train: true
+snapshot_prefix: "{prefix}"
+random_seed: 1
+test_initialization: false
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(annoset):
+    root, _ = annoset
+    (root / "net.prototxt").write_text(ssd_net(root))
+    (root / "solver.prototxt").write_text(SOLVER.format(net=root / "net.prototxt", iters=300,
+                                                        prefix=root / "ssd"))
+    return root
+
+
+def test_small_ssd_trains_its_multibox_loss_falls(trained, capfd):
+    rc = cli.main(["train", f"--solver={trained / 'solver.prototxt'}"])
+    _, err = capfd.readouterr()
+    assert rc == 0, err[-3000:]
+    losses = [float(v) for v in re.findall(r"Iteration \d+.*?, loss = ([\d.eE+-]+)", err)]
+    assert len(losses) >= 10, err[-2000:]
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
+
+
+def test_jcaffe_test_prints_detection_eval(trained, capfd):
+    """After training, ``jcaffe test`` scores the TEST net's DetectionEvaluate output as the
+    fork's solver does: one ``detection_eval = <mAP>`` line, not one line per element. The 8
+    training images, seen 300 times, are found again."""
+    model = trained / "ssd_iter_300.caffemodel"
+    assert model.exists()
+    rc = cli.main(["test", f"--model={trained / 'net.prototxt'}", f"--weights={model}",
+                   "--iterations=2", "--ap_version=11point"])
+    _, err = capfd.readouterr()
+    assert rc == 0, err[-3000:]
+    found = re.findall(r"detection_eval = ([\d.eE+-]+) \(mAP, 11point\)", err)
+    assert len(found) == 1, err[-2000:]
+    assert "Batch 0, detection_eval" not in err
+    assert 0.5 < float(found[0]) <= 1, found
