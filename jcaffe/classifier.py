@@ -311,6 +311,14 @@ class Classifier:
         self._forward = jax.jit(lambda p, x, k: self.net.apply(p, x, train=False, key=k))
         self._key, self._passes = jax.random.key(0), 0
 
+    def _next_key(self):
+        """The PRNG key of the next forward pass (one per pass, as Caffe draws at each)."""
+        import jax
+
+        key = jax.random.fold_in(self._key, self._passes)
+        self._passes += 1
+        return key
+
     @property
     def batch_size(self) -> int:
         return int(self.transformer.inputs[self.inputs[0]][0])
@@ -318,8 +326,6 @@ class Classifier:
     def forward_all(self, **inputs) -> dict[str, np.ndarray]:
         """The net's output blobs for inputs of any count N (run in batches of the net's batch
         size; the last one padded with zeros)."""
-        import jax
-
         in_ = self.inputs[0]
         x = np.asarray(inputs[in_], dtype=np.float32)
         n, b = x.shape[0], self.batch_size
@@ -333,9 +339,7 @@ class Classifier:
             if len(chunk) < b:
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:],
                                                         np.float32)])
-            blobs = self._forward(self.params, {in_: chunk},
-                                  jax.random.fold_in(self._key, self._passes))
-            self._passes += 1
+            blobs = self._forward(self.params, {in_: chunk}, self._next_key())
             for k in self.outputs:
                 outs[k].append(np.asarray(blobs[k]))
         return {k: np.concatenate(v)[:n] for k, v in outs.items()}
@@ -406,7 +410,7 @@ class Detector(Classifier):
             n = len(chunk)
             if n < b:
                 chunk = np.concatenate([chunk, np.zeros((b - n,) + chunk.shape[1:], np.float32)])
-            top = self._forward(self.params, {self.inputs[0]: chunk})[self.output]
+            top = self._forward(self.params, {self.inputs[0]: chunk}, self._next_key())[self.output]
             for i, rows in enumerate(detections(top)[:n]):
                 rows = rows[rows[:, 2] >= threshold].copy()
                 rows[:, 0] = start + i

@@ -303,7 +303,8 @@ def inline_python():
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     """A working directory like the repository root after the README's "Two commands": the
-    repository's prototxt/ and datasets/ (MNIST prepared), a LeNet snapshot and digit images."""
+    repository's prototxt/, datasets/ (MNIST prepared) and tests/data/, a LeNet snapshot and
+    digit images."""
     import jax
     from PIL import Image
 
@@ -316,6 +317,8 @@ def sandbox(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
     for name in ("prototxt", "datasets"):
         (d / name).symlink_to(REPO / name)
+    (d / "tests").mkdir()
+    (d / "tests" / "data").symlink_to(REPO / "tests" / "data")
     (d / "snapshots").mkdir()
     net = jcaffe.Net(str(REPO / "prototxt" / "lenet.prototxt"), phase="TEST")
     jcaffe.save_caffemodel(str(d / "snapshots" / "lenet_iter_10000.caffemodel"), net,
