@@ -375,15 +375,42 @@ class Net:
         ``train`` defaults to the net's phase. ``key`` feeds Dropout and random data transforms.
         ``frozen=True`` stops gradients into params with ``lr_mult: 0`` (Caffe computes none).
         """
+        return self.apply_range(params, {}, 0, len(self.layers) - 1, inputs=inputs, train=train,
+                                key=key, mutable=mutable, frozen=frozen)
+
+    def apply_range(self, params, blobs: Mapping[str, Any], start: int, end: int, *,
+                    inputs: Mapping[str, Any] | None = None, fixed: Collection[str] = (),
+                    taps: Mapping[str, Any] | None = None, train: bool | None = None,
+                    key: jax.Array | None = None, mutable: bool = False, frozen: bool = False):
+        """Caffe's ``ForwardFromTo(start, end)``: runs ``layers[start..end]`` (inclusive).
+
+        ``blobs`` holds the values (Caffe's NCHW) of blobs the range reads but does not produce
+        first; the result is ``blobs`` updated with every top the range produces. ``fixed``
+        names tops that keep their value from ``blobs`` instead of the layer's (a layer all of
+        whose tops are fixed is not run: pycaffe's Input blobs, DummyData tops of a constant
+        filler, which Caffe fills once). ``taps`` maps a blob name to an array added to the
+        first value the range produces for it: with zeros, the gradient with respect to the
+        tap is the gradient Caffe's backward pass leaves in that blob's diff (in-place layers
+        later overwrite the value, not the tap). Layer ``i`` draws from ``fold_in(key, i)``
+        whatever the range, so a range repeats the full pass's random numbers. ``apply`` is
+        the full range from no blobs.
+        """
         train = (self.phase == caffe_pb2.TRAIN) if train is None else train
         inputs = inputs or {}
-        blobs: dict[str, jax.Array] = {}
+        fixed = frozenset(fixed)
+        taps = dict(taps or {})
+        blobs: dict[str, jax.Array] = dict(blobs)
         # Blobs held channels-last inside the program (see ``layout``); every interface,
         # including the returned dict, stays Caffe's NCHW.
         nhwc: set[str] = set()
         new_params = dict(params) if mutable else None
         frozen_set = self._frozen_params if frozen else frozenset()
-        for i, layer in enumerate(self.layers):
+        for i in range(start, end + 1):
+            layer = self.layers[i]
+            if layer.top_names and all(t in fixed for t in layer.top_names):
+                for t in layer.top_names:
+                    nhwc.discard(t)
+                continue
             lkey = jax.random.fold_in(key, i) if (key is not None and layer.needs_key) else None
             ctx = Context(train=self._layer_train.get(layer.name, train), key=lkey)
             channels_last = False
@@ -422,8 +449,14 @@ class Net:
                     new_params[layer.name] = [u if src == (layer.name, j) else None
                                               for j, (u, src) in enumerate(zip(updated, owned))]
             for t, v in zip(layer.top_names, out):
+                last = channels_last and v.ndim == 4
+                if t in fixed:
+                    v, last = blobs[t], False
+                elif t in taps:
+                    tap = taps.pop(t)
+                    v = v + (_to_nhwc(tap) if last else tap).astype(v.dtype)
                 blobs[t] = v
-                if channels_last and v.ndim == 4:
+                if last:
                     nhwc.add(t)
                 else:
                     nhwc.discard(t)
