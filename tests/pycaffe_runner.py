@@ -8,6 +8,10 @@ unittest's ``assertEquals`` / ``assertRaisesRegexp`` aliases. ``test_nccl`` asse
 when ``caffe.has_nccl()`` is False, so it is reported as skipped then. The tests run from a
 temporary working directory (``test_solver`` snapshots into the working directory) with the
 test folder first on ``sys.path`` (Python layers import ``test_python_layer`` from it).
+
+The tests build some sixty tiny nets, most of them the same net again (each ``setUp``); the
+caller may point ``JAX_COMPILATION_CACHE_DIR`` at an empty folder so that XLA compiles each
+distinct program once per run (``tests/test_pycaffe.py`` does).
 """
 
 from __future__ import annotations
