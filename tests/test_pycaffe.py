@@ -83,3 +83,223 @@ def test_bvlc_pycaffe(bvlc_results, test_id):
     assert got is not None, f"{test_id} did not run"
     expected = "skipped" if test_id.startswith("test_nccl.") else "passed"
     assert got["outcome"] == expected, got["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pycaffe semantics, against numpy
+# ---------------------------------------------------------------------------------------------
+TINY = """name: 'tiny' force_backward: true
+layer { name: 'x' type: 'Input' top: 'x' input_param { shape { dim: 4 dim: 3 } } }
+layer { name: 'y' type: 'Input' top: 'y' input_param { shape { dim: 4 dim: 2 } } }
+layer { name: 'ip' type: 'InnerProduct' bottom: 'x' top: 'ip'
+  inner_product_param { num_output: 2 weight_filler { type: 'gaussian' std: 1 }
+                        bias_filler { type: 'constant' value: 0.5 } } }
+layer { name: 'relu' type: 'ReLU' bottom: 'ip' top: 'ip' }
+layer { name: 'loss' type: 'EuclideanLoss' bottom: 'ip' bottom: 'y' top: 'loss' }
+"""
+
+
+def _reference(x, y, W, b):
+    """ip (after ReLU), loss, and Caffe's diffs: ip (before ReLU: the in-place ReLU's bottom
+    diff), x, W, b."""
+    pre = x @ W.T + b
+    ip = np.maximum(pre, 0)
+    n = x.shape[0]
+    loss = np.sum((ip - y) ** 2) / (2 * n)
+    d_ip = (ip - y) / n * (pre > 0)
+    return ip, loss, d_ip, d_ip @ W, d_ip.T @ x, d_ip.sum(0)
+
+
+@pytest.fixture(scope="module")
+def caffe_mod():
+    sys.path.insert(0, ROOT)
+    import caffe
+
+    return caffe
+
+
+@pytest.fixture(scope="module")
+def tiny_net(caffe_mod, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.prototxt"
+    path.write_text(TINY)
+    return caffe_mod.Net(str(path), caffe_mod.TRAIN)
+
+
+@pytest.fixture
+def tiny(tiny_net):
+    """The module's net (built once: building compiles), reset to fresh values."""
+    net = tiny_net
+    net.blobs["x"].reshape(4, 3)
+    net.blobs["y"].reshape(4, 2)
+    net.reshape()
+    rng = np.random.default_rng(0)
+    net.blobs["x"].data[...] = rng.normal(size=(4, 3))
+    net.blobs["y"].data[...] = rng.normal(size=(4, 2))
+    net.params["ip"][0].data[...] = rng.normal(size=(2, 3))
+    net.params["ip"][1].data[...] = 0.5
+    net.clear_param_diffs()
+    return net
+
+
+def test_net_forward_backward_views_and_accumulation(tiny, caffe_mod):
+    net = tiny
+    ip_view, x_diff, w_diff = net.blobs["ip"].data, net.blobs["x"].diff, net.params["ip"][0].diff
+    x, y = net.blobs["x"].data.copy(), net.blobs["y"].data.copy()
+    W, b = net.params["ip"][0].data.copy(), net.params["ip"][1].data.copy()
+    ip, loss, d_ip, d_x, d_W, d_b = _reference(x, y, W, b)
+    out = net.forward()
+    assert list(out) == ["loss"]
+    np.testing.assert_allclose(out["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(ip_view, ip, rtol=1e-5, atol=1e-6)   # a view taken before
+    grads = net.backward()
+    assert sorted(grads) == ["x", "y"]
+    np.testing.assert_allclose(x_diff, d_x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.blobs["ip"].diff, d_ip, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w_diff, d_W, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.params["ip"][1].diff, d_b, rtol=1e-5, atol=1e-6)
+    assert np.all(net.blobs["loss"].diff == 1)                      # the loss weight
+    net.backward()                                                  # params accumulate,
+    np.testing.assert_allclose(w_diff, 2 * d_W, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x_diff, d_x, rtol=1e-5, atol=1e-6)   # bottoms are overwritten
+    net.clear_param_diffs()
+    assert not w_diff.any()
+    # Writes persist: a new weight through the view the user holds.
+    net.params["ip"][0].data[...] = 0
+    np.testing.assert_allclose(net.forward()["loss"],
+                               _reference(x, y, 0 * W, b)[1], rtol=1e-5)
+
+
+def test_net_layer_ranges(tiny):
+    net = tiny
+    W, b = net.params["ip"][0].data.copy(), net.params["ip"][1].data.copy()
+    # Only the ReLU and the loss run: they read whatever the 'ip' blob holds.
+    net.blobs["ip"].data[...] = [[1, -1], [2, -2], [-3, 3], [0.5, 0.25]]
+    out = net.forward(start="relu", blobs=["ip"])
+    relu = np.maximum(np.array([[1, -1], [2, -2], [-3, 3], [0.5, 0.25]]), 0)
+    np.testing.assert_allclose(out["ip"], relu)
+    np.testing.assert_allclose(out["loss"], np.sum((relu - net.blobs["y"].data) ** 2) / 8,
+                               rtol=1e-5)
+    # Only 'ip' runs (end='ip'): its tops come back.
+    out = net.forward(end="ip")
+    assert list(out) == ["ip"]
+    np.testing.assert_allclose(out["ip"], net.blobs["x"].data @ W.T + b, rtol=1e-5)
+    # Backward through 'ip' alone, from a diff the user sets.
+    net.blobs["ip"].diff[...] = 1
+    grads = net.backward(start="ip", end="ip")
+    np.testing.assert_allclose(grads["x"], np.ones((4, 2)) @ W, rtol=1e-5)
+
+
+def test_net_programs_compile_once(tiny):
+    net = tiny
+    before = net._compiled()
+    net.forward()
+    net.backward()
+    compiled = net._compiled()
+    assert compiled - before <= 2   # the full forward and backward programs, at most
+    for k in range(4):
+        net.blobs["x"].data[...] = k
+        net.forward()
+        net.backward()
+    assert net._compiled() == compiled
+
+
+def test_net_reshape(tiny):
+    net = tiny
+    W, b = net.params["ip"][0].data.copy(), net.params["ip"][1].data.copy()
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=(6, 2)).astype(np.float32)
+    net.blobs["x"].reshape(6, 3)
+    net.blobs["y"].reshape(6, 2)
+    net.reshape()
+    assert net.blobs["ip"].shape == (6, 2)
+    out = net.forward(x=x, y=y)
+    np.testing.assert_allclose(out["loss"], _reference(x, y, W, b)[1], rtol=1e-5)
+    with pytest.raises(Exception, match="do not match net inputs"):
+        net.forward(x=x)
+
+
+def test_net_errors_are_runtime_errors(caffe_mod, tmp_path):
+    path = tmp_path / "bad.prototxt"
+    path.write_text(TINY.replace("bottom: 'x' top: 'ip'", "bottom: 'nope' top: 'ip'"))
+    with pytest.raises(RuntimeError, match="unknown bottom blob 'nope'"):
+        caffe_mod.Net(str(path), caffe_mod.TEST)
+    with pytest.raises(RuntimeError, match="Could not open file"):
+        caffe_mod.Net(str(tmp_path / "absent.prototxt"), caffe_mod.TEST)
+
+
+def test_module_surface(caffe_mod):
+    import jcaffe.proto.caffe_pb2 as pb2
+
+    assert caffe_mod.proto.caffe_pb2 is pb2
+    from caffe.proto import caffe_pb2
+
+    assert caffe_pb2 is pb2 and caffe_mod.TRAIN == pb2.TRAIN and caffe_mod.TEST == pb2.TEST
+    assert {"Python", "Convolution", "Data"} <= set(caffe_mod.layer_type_list())
+    assert caffe_mod.has_nccl() is False
+    t = caffe_mod.Timer()
+    t.start()
+    t.stop()
+    assert t.ms >= 0
+    assert caffe_mod.io.Transformer and caffe_mod.Classifier and caffe_mod.Detector
+
+
+SOLVER_NET = """name: 'lin'
+layer { name: 'data' type: 'DummyData' top: 'x' top: 'y'
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 }
+                     data_filler { type: 'constant' value: 0.5 }
+                     data_filler { type: 'constant' value: 1 } } }
+layer { name: 'ip' type: 'InnerProduct' bottom: 'x' top: 'ip'
+  inner_product_param { num_output: 2 weight_filler { type: 'gaussian' std: 1 } } }
+layer { name: 'loss' type: 'EuclideanLoss' bottom: 'ip' bottom: 'y' top: 'loss' }
+"""
+
+
+def test_solver_step_semantics(caffe_mod, tmp_path):
+    """step(n) trains as SGD does (numpy), the train net's blobs hold the last iteration's
+    forward values, test nets share the parameter Blobs, and a step(1) + forward() loop
+    compiles nothing after its first round."""
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f"net_param {{ {SOLVER_NET} }} base_lr: 0.1 lr_policy: 'fixed' "
+                           f"max_iter: 100 display: 0 random_seed: 3 test_iter: 1 "
+                           f"test_interval: 1000 snapshot_prefix: '{tmp_path}/s'")
+    solver = caffe_mod.SGDSolver(str(solver_file))
+    net, test = solver.net, solver.test_nets[0]
+    assert test.params["ip"][0] is net.params["ip"][0]
+    W0, b0 = net.params["ip"][0].data.copy(), net.params["ip"][1].data.copy()
+    x, y = np.full((4, 3), 0.5), np.ones((4, 2))
+    Ws, bs = [W0], [b0]
+    for _ in range(3):
+        d = (x @ Ws[-1].T + bs[-1] - y) / 4
+        Ws.append(Ws[-1] - 0.1 * d.T @ x)
+        bs.append(bs[-1] - 0.1 * d.sum(0))
+    solver.step(3)
+    assert solver.iter == 3
+    np.testing.assert_allclose(net.params["ip"][0].data, Ws[3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.params["ip"][1].data, bs[3], rtol=1e-5, atol=1e-6)
+    # The last iteration (the third) ran forward with the parameters before its update.
+    np.testing.assert_allclose(net.blobs["ip"].data, x @ Ws[2].T + bs[2], rtol=1e-5)
+    ip_view = net.blobs["ip"].data
+    np.testing.assert_allclose(test.forward()["loss"],
+                               np.sum((x @ Ws[3].T + bs[3] - y) ** 2) / 8, rtol=1e-5)
+    for _ in range(2):
+        solver.step(1)
+        test.forward(start="ip")
+    sizes = (test._compiled(), net._compiled(), solver._core._run_resident._cache_size(),
+             solver._core._run_host._cache_size())
+    for _ in range(3):
+        solver.step(1)
+        test.forward(start="ip")
+    assert (test._compiled(), net._compiled(), solver._core._run_resident._cache_size(),
+            solver._core._run_host._cache_size()) == sizes
+    assert solver.iter == 8
+    W, b = Ws[3], bs[3]
+    for _ in range(5):
+        prev = (W, b)
+        d = (x @ W.T + b - y) / 4
+        W, b = W - 0.1 * d.T @ x, b - 0.1 * d.sum(0)
+    np.testing.assert_allclose(net.params["ip"][0].data, W, rtol=1e-5, atol=1e-6)
+    # The view taken after step(3) shows the eighth iteration's forward values.
+    np.testing.assert_allclose(ip_view, x @ prev[0].T + prev[1], rtol=1e-5)
+    solver.snapshot()
+    assert (tmp_path / "s_iter_8.caffemodel").exists()
+    assert (tmp_path / "s_iter_8.solverstate").exists()
