@@ -168,3 +168,24 @@ def check_labels(labels: np.ndarray, first_position: int, rule, data_layer, coun
         source = data_layer.param.data_param.source or data_layer.name
         raise DataError(f"{source}: record {record}: label {int(lab[j])} is out of range for "
                         f"layer '{name}', which has {classes} classes (0..{classes - 1})")
+
+
+def _int_seed(key: jax.Array) -> int:
+    return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def solver_feeds(net, test_nets, data_key: jax.Array, on_device: bool | None, *, mesh,
+                 root_device, ranks: int) -> dict:
+    """A solver's batches: ``{"train": NetFeed, i: NetFeed of test net i}``. Data layer
+    ``l`` of net ``k`` (0: train, i+1: test net i) shuffles with seed
+    ``fold_in(data_key, 1000·k + l)``. The train net feeds every device of ``mesh``; test
+    nets run on the root device only (Caffe's root solver tests)."""
+    def seeds(n, k):
+        return [_int_seed(jax.random.fold_in(data_key, 1000 * k + i))
+                for i in range(len(n.data_layers))]
+
+    placement = parallel.replicated(mesh) if mesh is not None else root_device
+    feeds = {"train": NetFeed(net, placement, on_device, seeds(net, 0), ranks=ranks)}
+    for i, tn in enumerate(test_nets):
+        feeds[i] = NetFeed(tn, root_device, on_device, seeds(tn, i + 1))
+    return feeds
