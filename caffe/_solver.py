@@ -21,7 +21,6 @@ streams, so a user's ``net.forward()`` does not advance the batches ``step`` tra
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,62 +36,27 @@ _log = log.get_logger("pycaffe")
 
 
 # ---------------------------------------------------------------------------------------------
-# The adapter to jcaffe's core solver. Everything the pycaffe solver asks of the core goes
-# through these functions.
+# What the pycaffe solver asks of jcaffe's core Solver (``jcaffe.Solver``).
 # ---------------------------------------------------------------------------------------------
 def _make_core(sp: caffe_pb2.SolverParameter, path: str, device):
-    from jcaffe.train import Trainer
+    from jcaffe.solver import Solver as CoreSolver
 
-    return Trainer(sp, solver_path=path, device=device, verbose=True)
-
-
-def _core_step(core, n: int) -> None:
-    """Caffe's ``Solver::Step(n)``: ``n`` iterations from ``core.iter``; a test pass first
-    at every ``test_interval`` iteration (iteration 0 only with ``test_initialization``),
-    display lines every ``display`` iterations, a snapshot every ``snapshot`` iterations;
-    no snapshot or test at the end (``solve`` adds those)."""
-    sp = core.sp
-    stop = core.iter + int(n)
-    core._setup_feeds()
-    if not hasattr(core, "_clock"):
-        core._clock = (time.perf_counter(), core.iter)
-    pending = None
-    while core.iter < stop:
-        tests = None
-        if core._test_due():
-            tests = (core.iter, [core._dispatch_test(i) for i in range(len(core.test_nets))])
-        start, k = core.iter, core._chunk(stop)
-        metrics = core.run_iterations(k)
-        if pending:
-            core._finish_chunk(*pending)
-        if tests:
-            core._log_tests(*tests)
-        pending = (start, k, metrics)
-        if sp.snapshot and core.iter % sp.snapshot == 0:
-            core._finish_chunk(*pending)
-            pending = None
-            core.snapshot()
-    if pending:
-        core._finish_chunk(*pending)
+    return CoreSolver(sp, solver_path=path, device=device, verbose=True)
 
 
 def _core_batch(core, it: int, sub: int = 0) -> dict:
-    """The raw batch (top -> array) sub-batch ``sub`` of iteration ``it`` reads."""
-    core._setup_feeds()
-    feed = core._feeds["train"]
-    b = it * core.sp.iter_size + sub
-    if feed.on_device:
-        return core._batch_at_fn(feed.arrays, jnp.int32(b))
-    return {k: np.asarray(v) for k, v in feed.host_batch(b).items()}
+    """The raw batch (top -> array) of sub-batch ``sub`` of iteration ``it``."""
+    batch = core.batch(it)
+    return batch if core.sp.iter_size == 1 else {k: v[sub] for k, v in batch.items()}
 
 
 def _core_key(core, it: int, sub: int = 0) -> jax.Array:
-    """The key the forward pass of sub-batch ``sub`` of iteration ``it`` used."""
-    return jax.random.fold_in(jax.random.fold_in(core.state.key, it), sub)
+    """The key the forward pass of sub-batch ``sub`` of iteration ``it`` drew from."""
+    return jax.random.fold_in(core.step_key(it), sub)
 
 
 def _core_set_params(core, params) -> None:
-    from jcaffe.train import TrainState
+    from jcaffe.train_step import TrainState
 
     s = core.state
     core._set_state(TrainState(params, s.opt_state, s.iter, s.key))
@@ -151,7 +115,7 @@ class Solver:
     @property
     def lr(self) -> float:
         """The learning rate of the current iteration (Caffe's ``GetLearningRate``)."""
-        from jcaffe.solver import learning_rate
+        from jcaffe.sgd_solvers import learning_rate
 
         return float(learning_rate(self.param, self.iter))
 
@@ -198,8 +162,9 @@ class Solver:
 
     # -- Caffe's Solver ---------------------------------------------------------------------
     def step(self, iters: int) -> None:
-        """Caffe's ``Step(iters)``: see ``_core_step``; afterwards the train net's blobs hold
-        the last iteration's values."""
+        """Caffe's ``Step(iters)`` (``jcaffe.Solver.step``: tests at ``test_interval``,
+        display lines, snapshots; iterations between events fused); afterwards the train net's
+        blobs hold the last iteration's values."""
         iters = int(iters)
         if iters <= 0:
             return
@@ -211,10 +176,10 @@ class Solver:
 
         def run():
             if iters > 1:
-                _core_step(core, iters - 1)
+                core.step(iters - 1)
             before = jax.tree.map(jnp.copy, core.params)
             it = core.iter
-            _core_step(core, 1)
+            core.step(1)
             self._last = (before, it)
 
         self._run(run)
@@ -247,8 +212,8 @@ class Solver:
             on_gradients_ready()
         self.apply_update()
         s = core.state
-        from jcaffe.solver import _find, _replace, history_state
-        from jcaffe.train import TrainState
+        from jcaffe.sgd_solvers import _find, _replace, history_state
+        from jcaffe.train_step import TrainState
 
         hs = history_state(s.opt_state)
         opt = _replace(s.opt_state, _find(s.opt_state), hs._replace(iter=hs.iter + 1))
@@ -263,6 +228,7 @@ class Solver:
             self.restore(resume_file)
         self._last = None
         self._run(self._core.solve)
+        self._last = None
 
     def snapshot(self) -> None:
         """Writes ``<snapshot_prefix>_iter_<iter>.caffemodel`` and ``.solverstate``."""
@@ -282,8 +248,8 @@ class Solver:
         iteration count does not move."""
         import optax
 
-        from jcaffe.solver import _find, _replace, history_state
-        from jcaffe.train import TrainState
+        from jcaffe.sgd_solvers import _find, _replace, history_state
+        from jcaffe.train_step import TrainState
 
         self._push()
         core = self._core
@@ -349,7 +315,7 @@ _BY_TYPE = {c._type: c for c in (SGDSolver, NesterovSolver, AdaGradSolver, RMSPr
 def get_solver(filename) -> Solver:
     """The solver class the file's ``type`` (or legacy ``solver_type``) names."""
     from jcaffe import prototxt
-    from jcaffe.solver import solver_type
+    from jcaffe.sgd_solvers import solver_type
 
     filename = os.fsdecode(filename)
     _check_file(filename)

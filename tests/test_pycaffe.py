@@ -284,13 +284,14 @@ def test_solver_step_semantics(caffe_mod, tmp_path):
     for _ in range(2):
         solver.step(1)
         test.forward(start="ip")
-    sizes = (test._compiled(), net._compiled(), solver._core._run_resident._cache_size(),
-             solver._core._run_host._cache_size())
+    programs = solver._core._programs
+    sizes = (test._compiled(), net._compiled(), programs._resident._cache_size(),
+             programs._host._cache_size())
     for _ in range(3):
         solver.step(1)
         test.forward(start="ip")
-    assert (test._compiled(), net._compiled(), solver._core._run_resident._cache_size(),
-            solver._core._run_host._cache_size()) == sizes
+    assert (test._compiled(), net._compiled(), programs._resident._cache_size(),
+            programs._host._cache_size()) == sizes
     assert solver.iter == 8
     W, b = Ws[3], bs[3]
     for _ in range(5):
