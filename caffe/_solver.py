@@ -13,9 +13,13 @@ Caffe: the last iteration's forward pass is recomputed, from the parameters befo
 and the batch and random key it used, when a train-net blob is first read (at once when one
 is watched, so views taken earlier see them).
 
+Data. A solver's nets read their batches from the core solver's feeds (one reader per
+database, as LMDB allows one handle per process): ``net.forward()`` reads batch 0, 1, ... of
+that net's stream, with its own count, so it does not move the batches ``step`` trains on or
+``test_all`` tests on (in Caffe the user and the solver share one position).
+
 Differences from Caffe: after ``step`` the parameter diffs are left as they were (Caffe
-leaves the last update value there); the core solver reads its own copy of the data layers'
-streams, so a user's ``net.forward()`` does not advance the batches ``step`` trains on.
+leaves the last update value there); the batch positions above.
 """
 
 from __future__ import annotations
@@ -53,6 +57,27 @@ def _core_batch(core, it: int, sub: int = 0) -> dict:
 def _core_key(core, it: int, sub: int = 0) -> jax.Array:
     """The key the forward pass of sub-batch ``sub`` of iteration ``it`` drew from."""
     return jax.random.fold_in(core.step_key(it), sub)
+
+
+def _core_feed_batches(core, net: int | str):
+    """``fn(b) -> {top: array}``: batch ``b`` of the core solver's feed of ``net`` ("train"
+    or a test net's index), the root device's share."""
+    from jcaffe import parallel
+
+    fns = {}
+
+    def batch(b: int) -> dict:
+        core._setup_feeds()
+        feed = core._feeds[net]
+        if net == "train":
+            return core._root_batch(b)
+        if not feed.on_device:
+            return {k: np.asarray(v) for k, v in feed.host_batch(b).items()}
+        if "fn" not in fns:
+            fns["fn"] = jax.jit(lambda arrays, i: feed.batch_at(arrays, i, 0))
+        return fns["fn"](parallel.root_view(feed.arrays), jnp.int32(b))
+
+    return batch
 
 
 def _core_set_params(core, params) -> None:
@@ -94,6 +119,9 @@ class Solver:
                         shared[src] = train._param_blobs[core.net._blob_source[theirs][j]]
             self._test_nets.append(Net._from_core(tn, params=core._test_own[i], device=device,
                                                   shared=shared))
+        train._batch_source = _core_feed_batches(core, "train")
+        for i, tn in enumerate(self._test_nets):
+            tn._batch_source = _core_feed_batches(core, i)
         self._callbacks: list = []
         self._last = None  # (params before the last update, iteration) for the train blobs
         for blob in list(train._blobs.values()) + list(train._hidden.values()):

@@ -525,6 +525,22 @@ class Net:
             self._readers[layer.name] = reader
         return reader
 
+    # Set by a solver on its nets: ``fn(batch index) -> {top: raw array}`` for every data layer,
+    # read from the solver's own feed (a database is opened once per process).
+    _batch_source = None
+
+    def _next_batch(self, layer) -> dict:
+        """The raw arrays of the next batch of ``layer`` (its tops)."""
+        if self._batch_source is None:
+            return self._reader(layer).next_batch()
+        count = self._batches_read = getattr(self, "_batches_read", {})
+        if "pass" not in count or layer.name in count["pass"]:
+            # A new forward pass: every data layer moves on to the next batch together.
+            count["index"] = count.get("index", -1) + 1
+            count["pass"] = set()
+        count["pass"].add(layer.name)
+        return self._batch_source(count["index"])
+
     def _program(self, kind: str, start: int, end: int):
         core = self._core
         key = (id(core), kind, start, end)
@@ -585,7 +601,7 @@ class Net:
                     l.top_names and all(t in rng.fixed for t in l.top_names)):
                 if inputs is None:
                     with _state.caffe_errors():
-                        batch = self._reader(l).next_batch()
+                        batch = self._next_batch(l)
                 else:
                     batch = inputs
                 for t, _, _ in l.input_specs():
