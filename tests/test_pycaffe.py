@@ -360,3 +360,33 @@ def test_learning_lenet_notebook_reduced(tmp_path):
     res = json.loads(out.read_text())
     assert res["lenet_niter"] == 20
     assert res["lenet_test_acc"] > 0.5, res
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "examples", "net_surgery")),
+                    reason="../shared/pycaffe (Caffe's examples) is absent")
+def test_net_surgery_first_part(caffe_mod):
+    """The first part of BVLC's net_surgery notebook on Caffe's net_surgery/conv.prototxt,
+    with a random image for examples/images/cat_gray.jpg: reshape the input, forward, edit a
+    bias and the filters through the param views; a view of the output taken earlier shows
+    the new values; the filters' outputs match numpy's correlation."""
+    net = caffe_mod.Net(os.path.join(SHARED, "examples", "net_surgery", "conv.prototxt"),
+                        caffe_mod.TEST)
+    assert list(net.blobs) == ["data", "conv"] and list(net.params) == ["conv"]
+    im = np.random.default_rng(2).random((36, 48)).astype(np.float32)
+    net.blobs["data"].reshape(1, 1, *im.shape)
+    net.blobs["data"].data[...] = im[None, None]
+    net.forward()
+    conv0 = net.blobs["conv"].data[0, 0]
+    pre = conv0.mean()
+    net.params["conv"][1].data[0] = 1.
+    net.forward()
+    assert conv0.mean() == pytest.approx(pre + 1, abs=1e-5)
+    sobel = np.array((-1, -2, -1, 0, 0, 0, 1, 2, 1), np.float32).reshape(3, 3)
+    net.params["conv"][0].data[1:] = 0.
+    net.params["conv"][0].data[1, 0, 1:-1, 1:-1] = sobel
+    net.params["conv"][0].data[2, 0, 1:-1, 1:-1] = sobel.T
+    net.forward()
+    windows = np.lib.stride_tricks.sliding_window_view(im, (3, 3))[1:-1, 1:-1]
+    for k, f in ((1, sobel), (2, sobel.T)):
+        np.testing.assert_allclose(net.blobs["conv"].data[0, k],
+                                   np.einsum("ijab,ab->ij", windows, f), rtol=1e-4, atol=1e-5)
