@@ -390,3 +390,23 @@ def test_net_surgery_first_part(caffe_mod):
     for k, f in ((1, sobel), (2, sobel.T)):
         np.testing.assert_allclose(net.blobs["conv"].data[0, k],
                                    np.einsum("ijab,ab->ij", windows, f), rtol=1e-4, atol=1e-5)
+
+
+def test_classifier_center_crop(caffe_mod, tmp_path):
+    """caffe.Classifier (a caffe.Net): predict(oversample=False) on 28 x 28 x 1 images is the
+    net's forward pass on the images scaled by raw_scale * input_scale and transposed to
+    K x H x W, batched by the net's batch size (the last batch padded)."""
+    model = os.path.join(ROOT, "prototxt", "lenet.prototxt")
+    weights = str(tmp_path / "lenet.caffemodel")
+    net = caffe_mod.Net(model, caffe_mod.TEST)
+    net.save(weights)
+    clf = caffe_mod.Classifier(model, weights, raw_scale=255, input_scale=0.00390625)
+    assert isinstance(clf, caffe_mod.Net) and clf.inputs == ["data"]
+    images = [np.random.default_rng(i).random((28, 28, 1)).astype(np.float32) for i in range(3)]
+    probs = clf.predict(images, oversample=False)
+    assert probs.shape == (3, 10)
+    batch = np.zeros(net.blobs["data"].shape, np.float32)
+    batch[:3] = np.stack([im.transpose(2, 0, 1) * 255 * 0.00390625 for im in images])
+    ref = net.forward(data=batch)["prob"][:3]
+    np.testing.assert_allclose(probs, ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
