@@ -410,3 +410,36 @@ def test_classifier_center_crop(caffe_mod, tmp_path):
     ref = net.forward(data=batch)["prob"][:3]
     np.testing.assert_allclose(probs, ref, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+
+
+def test_solver_callbacks_and_apply_update(caffe_mod, tmp_path):
+    """With add_callback, iterations run through the Blobs: on_start before each, the
+    gradient in the param diffs at on_gradients_ready (numpy's), then apply_update: the
+    parameters follow numpy's SGD."""
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f"net_param {{ {SOLVER_NET} }} base_lr: 0.1 lr_policy: 'fixed' "
+                           f"max_iter: 100 display: 0 random_seed: 3 "
+                           f"snapshot_prefix: '{tmp_path}/s'")
+    solver = caffe_mod.get_solver(str(solver_file))
+    assert type(solver) is caffe_mod.SGDSolver
+    net = solver.net
+    x, y = np.full((4, 3), 0.5), np.ones((4, 2))
+    Ws, bs = [net.params["ip"][0].data.copy()], [net.params["ip"][1].data.copy()]
+    grads = []
+    for _ in range(3):
+        d = (x @ Ws[-1].T + bs[-1] - y) / 4
+        grads.append(d.T @ x)
+        Ws.append(Ws[-1] - 0.1 * d.T @ x)
+        bs.append(bs[-1] - 0.1 * d.sum(0))
+    calls = []
+    solver.add_callback(lambda: calls.append(("start", solver.iter)),
+                        lambda: calls.append(("ready", solver.iter,
+                                              net.params["ip"][0].diff.copy())))
+    solver.step(3)
+    assert [c[:2] for c in calls] == [("start", 0), ("ready", 0), ("start", 1), ("ready", 1),
+                                      ("start", 2), ("ready", 2)]
+    for c, g in zip(calls[1::2], grads):
+        np.testing.assert_allclose(c[2], g, rtol=1e-5, atol=1e-7)
+    assert solver.iter == 3
+    np.testing.assert_allclose(net.params["ip"][0].data, Ws[3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.params["ip"][1].data, bs[3], rtol=1e-5, atol=1e-6)
