@@ -443,3 +443,25 @@ def test_solver_callbacks_and_apply_update(caffe_mod, tmp_path):
     assert solver.iter == 3
     np.testing.assert_allclose(net.params["ip"][0].data, Ws[3], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(net.params["ip"][1].data, bs[3], rtol=1e-5, atol=1e-6)
+
+
+def test_solver_snapshot_restore(caffe_mod, tmp_path):
+    """snapshot() then restore() in a new solver: Caffe's iteration, the weights (read through
+    the Blobs), and the momentum history, so both continue alike."""
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(f"net_param {{ {SOLVER_NET} }} base_lr: 0.05 momentum: 0.9 "
+                           f"lr_policy: 'fixed' max_iter: 100 display: 0 random_seed: 3 "
+                           f"snapshot_prefix: '{tmp_path}/s'")
+    a = caffe_mod.SGDSolver(str(solver_file))
+    a.step(4)
+    a.snapshot()
+    b = caffe_mod.SGDSolver(str(solver_file))
+    b.restore(str(tmp_path / "s_iter_4.solverstate"))
+    assert b.iter == 4
+    for k in range(2):
+        np.testing.assert_array_equal(b.net.params["ip"][k].data, a.net.params["ip"][k].data)
+    a.step(3)
+    b.step(3)
+    for k in range(2):
+        np.testing.assert_allclose(b.net.params["ip"][k].data, a.net.params["ip"][k].data,
+                                   rtol=1e-6, atol=1e-7)
