@@ -465,3 +465,21 @@ def test_solver_snapshot_restore(caffe_mod, tmp_path):
     for k in range(2):
         np.testing.assert_allclose(b.net.params["ip"][k].data, a.net.params["ip"][k].data,
                                    rtol=1e-6, atol=1e-7)
+
+
+def test_set_input_arrays_memory_data(caffe_mod, tmp_path):
+    """set_input_arrays feeds a MemoryData layer: forward() reads its batches in order and
+    wraps (Caffe's MemoryDataLayer), labels given as [n] are accepted."""
+    path = tmp_path / "mem.prototxt"
+    path.write_text("""layer { name: 'd' type: 'MemoryData' top: 'data' top: 'label'
+      memory_data_param { batch_size: 2 channels: 1 height: 2 width: 3 } }
+    layer { name: 's' type: 'Power' bottom: 'data' top: 's' power_param { scale: 2 } }""")
+    net = caffe_mod.Net(str(path), caffe_mod.TEST)
+    data = np.arange(4 * 6, dtype=np.float32).reshape(4, 1, 2, 3)
+    net.set_input_arrays(data, np.arange(4, dtype=np.float32))
+    for batch in (0, 1, 0):
+        out = net.forward()
+        np.testing.assert_array_equal(out["s"], 2 * data[2 * batch:2 * batch + 2])
+        np.testing.assert_array_equal(net.blobs["label"].data.ravel(), [2 * batch, 2 * batch + 1])
+    with pytest.raises(RuntimeError, match="multiple of batch size"):
+        net.set_input_arrays(data[:3], np.arange(3, dtype=np.float32))
