@@ -112,10 +112,19 @@ def _reference(x, y, W, b):
 
 @pytest.fixture(scope="module")
 def caffe_mod():
+    """The package; importing it puts glog-style INFO lines on stderr (pycaffe's default), so
+    the jcaffe logger's set-up is restored for the modules that run after this one."""
+    import logging
+
+    logger = logging.getLogger("jcaffe")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
     sys.path.insert(0, ROOT)
     import caffe
 
-    return caffe
+    yield caffe
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 @pytest.fixture(scope="module")
