@@ -224,6 +224,12 @@ def notebook(niter: int = 200, test_batches: int = 100, logreg_niter: int = 250,
         solver.step(bench_iters)
         float(solver.net.params['conv1'][1].data[0])
         bench["fused_ms_per_iter"] = (time.perf_counter() - t) / bench_iters * 1e3
+        # The same fused chunks driven by jcaffe's Solver directly (what `jcaffe train` runs).
+        core = solver._core
+        t = time.perf_counter()
+        core.step(bench_iters)
+        jax.block_until_ready(core.params)
+        bench["core_fused_ms_per_iter"] = (time.perf_counter() - t) / bench_iters * 1e3
 
     out = {"lenet_niter": len(output), "lenet_loop_seconds": loop_seconds,
            "lenet_test_acc_during": lenet_during, "lenet_test_acc": float(lenet_final), **bench}
