@@ -123,7 +123,8 @@ class Solver:
         for i, tn in enumerate(self._test_nets):
             tn._batch_source = _core_feed_batches(core, i)
         self._callbacks: list = []
-        self._last = None  # (params before the last update, iteration) for the train blobs
+        # (params before the last update, its iteration, its batch): the train blobs' values.
+        self._last = None
         for blob in list(train._blobs.values()) + list(train._hidden.values()):
             blob._refresh = self._refresh_train_blobs
 
@@ -173,12 +174,11 @@ class Solver:
         last, self._last = self._last, None
         if last is None:
             return
-        params, it = last
+        params, it, batch = last
         core = self._core
-        sub = core.sp.iter_size - 1
         net = self._net
-        net._forward(0, len(net.layers) - 1, params=params, key=_core_key(core, it, sub),
-                     inputs=_core_batch(core, it, sub))
+        net._forward(0, len(net.layers) - 1, params=params,
+                     key=_core_key(core, it, core.sp.iter_size - 1), inputs=batch)
 
     def _run(self, fn) -> None:
         self._push()
@@ -207,8 +207,10 @@ class Solver:
                 core.step(iters - 1)
             before = jax.tree.map(jnp.copy, core.params)
             it = core.iter
+            # Read now: a stream that makes batches in order keeps only the latest few.
+            batch = _core_batch(core, it, core.sp.iter_size - 1)
             core.step(1)
-            self._last = (before, it)
+            self._last = (before, it, batch)
 
         self._run(run)
         if any(b._watched("data") for b in self._net._blobs.values()):
