@@ -492,3 +492,29 @@ def test_set_input_arrays_memory_data(caffe_mod, tmp_path):
         np.testing.assert_array_equal(net.blobs["label"].data.ravel(), [2 * batch, 2 * batch + 1])
     with pytest.raises(RuntimeError, match="multiple of batch size"):
         net.set_input_arrays(data[:3], np.arange(3, dtype=np.float32))
+
+
+def test_detector_windows(caffe_mod, tmp_path):
+    """caffe.Detector.detect_windows: each (ymin, xmin, ymax, xmax) window of the image, mean
+    subtracted and transposed, through the net (windows of the input size: no resizing)."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(4).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "im.png")
+    model = tmp_path / "det.prototxt"
+    model.write_text("""layer { name: 'data' type: 'Input' top: 'data'
+      input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+    layer { name: 'ip' type: 'InnerProduct' bottom: 'data' top: 'ip'
+      inner_product_param { num_output: 2 weight_filler { type: 'gaussian' std: 0.1 } } }""")
+    net = caffe_mod.Net(str(model), caffe_mod.TEST)
+    net.save(str(tmp_path / "det.caffemodel"))
+    W, b = net.params["ip"][0].data, net.params["ip"][1].data
+    det = caffe_mod.Detector(str(model), str(tmp_path / "det.caffemodel"),
+                             mean=np.array([0.25, 0.5, 0.75]))
+    windows = [(0, 0, 8, 8), (5, 7, 13, 15), (12, 16, 20, 24)]
+    out = det.detect_windows([(str(tmp_path / "im.png"), windows)])
+    assert [o["window"] for o in out] == windows
+    for o, (y0, x0, y1, x1) in zip(out, windows):
+        crop = pixels[y0:y1, x0:x1].astype(np.float64) / 255
+        x = (crop.transpose(2, 0, 1) - np.array([0.25, 0.5, 0.75])[:, None, None]).ravel()
+        np.testing.assert_allclose(o["prediction"], W @ x + b, rtol=1e-4, atol=1e-5)
