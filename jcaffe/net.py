@@ -39,8 +39,6 @@ from jcaffe.proto import caffe_pb2
 
 _log = log.get_logger("net")
 
-_PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
-
 
 @dataclasses.dataclass(frozen=True)
 class ParamInfo:
@@ -52,15 +50,6 @@ class ParamInfo:
     lr_mult: float
     decay_mult: float
     name: str = ""
-
-
-def _phase(phase) -> int:
-    if isinstance(phase, str):
-        try:
-            return _PHASES[phase.upper()]
-        except KeyError:
-            raise NetError(f"unknown phase {phase!r}: use TRAIN or TEST") from None
-    return int(phase)
 
 
 def _shape_str(shape: Shape) -> str:
@@ -110,7 +99,7 @@ class Net:
             self.source = source or "<NetParameter>"
             net_param = upgrade.upgrade_net(net_param)
         if state is None:
-            state = netstate.net_state_for(net_param, _phase(phase), level, stages)
+            state = netstate.net_state_for(net_param, netstate.phase_value(phase), level, stages)
         self.state = state
         self.phase = state.phase
         self.net_param = netstate.filter_net(net_param, state)
