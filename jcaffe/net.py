@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcaffe import log
+from jcaffe import execution, log
 from jcaffe.config import DEFAULT as DEFAULT_CONFIG
 from jcaffe.config import Config
 from jcaffe.errors import ModelError, NetError
@@ -203,6 +203,8 @@ class Net:
                                frozenset((p.layer, p.index) for p in self.params_info
                                          if p.lr_mult == 0))
         del self._has_mult
+        # How each layer runs (layout, formulation, scan): one frozen table.
+        self.plan = execution.resolve(self.layers, self.layout)
         self._info("Network initialization done.")
 
     def _stops(self, lp, layer: Layer) -> frozenset[int]:
@@ -437,19 +439,21 @@ class Net:
         return total, (blobs, new_params)
 
     def runs_channels_last(self, layer) -> bool:
-        """Whether this net runs ``layer`` on channels-last bottoms (its ``apply_nhwc``)."""
-        return self.layout == "NHWC" and layer.nhwc_ok and not layer.is_data
+        """Whether this net runs ``layer`` on channels-last bottoms (its ``apply_nhwc``):
+        ``plan``'s layout."""
+        return self.plan[layer.name].channels_last
 
     def conv_formulation(self, layer) -> str:
-        """The formulation a (De)Convolution layer of this net runs: ``"im2col"`` or
-        ``"xla"`` (the channels-first path may differ from the layer's own choice)."""
-        return layer.formulation(self.runs_channels_last(layer))
+        """The formulation a (De)Convolution layer of this net runs (``plan``): ``"im2col"``,
+        ``"onednn"`` or ``"xla"`` (the channels-first path may differ from the layer's own
+        choice)."""
+        return self.plan[layer.name].formulation
 
     @property
     def scan_ok(self) -> bool:
         """Whether every layer's formulation runs at full speed inside ``lax.scan``, so the
-        train step may fuse many iterations into one dispatch."""
-        return all(layer.scan_ok(self.runs_channels_last(layer)) for layer in self.layers)
+        train step may fuse many iterations into one dispatch (``plan.scan_ok``)."""
+        return self.plan.scan_ok
 
     def outputs(self, blobs: Mapping[str, Any]) -> dict[str, Any]:
         """The net's output blobs (Caffe: tops no later layer reads), e.g. loss and accuracy."""

@@ -106,7 +106,7 @@ class Solver(SolverInit):
         self.train_step = make_train_step(self.net, self.tx, iter_size=self.sp.iter_size,
                                           axis_name=parallel.DATA_AXIS if self.mesh else None)
         # Nets whose layers must not run inside a loop run one iteration per dispatch.
-        scan_ok = self.net.scan_ok and all(tn.scan_ok for tn in self.test_nets)
+        scan_ok = all(n.plan.scan_ok for n in [self.net, *self.test_nets])
         self.iters_per_call = max(1, int(iters_per_call)) if scan_ok else 1
         self._test_scan = scan_ok
         self.schedule = Schedule.of(self.sp, len(self.test_nets))
