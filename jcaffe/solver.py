@@ -29,6 +29,7 @@ import numpy as np
 
 from jcaffe import log, parallel, sgd_solvers, snapshot as snapshot_mod
 from jcaffe.config import Config
+from jcaffe.data.netfeed import batch_index
 from jcaffe.errors import SolverError
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
@@ -148,7 +149,8 @@ class Solver(SolverInit):
     def batch(self, it: int) -> dict[str, np.ndarray]:
         """The host batch the root device's train net reads at iteration ``it`` (a leading
         ``iter_size`` axis when ``iter_size > 1``)."""
-        subs = [self._root_batch(it * self.sp.iter_size + s) for s in range(self.sp.iter_size)]
+        subs = [self._root_batch(batch_index(it, s, self.sp.iter_size))
+                for s in range(self.sp.iter_size)]
         if len(subs) == 1:
             return subs[0]
         return {k: np.stack([s[k] for s in subs]) for k in subs[0]}
@@ -338,7 +340,8 @@ class Solver(SolverInit):
     def _probe_args(self):
         # Sub-batch 0 of the next iteration, with its key, on the root device.
         it = self.iter
-        return (parallel.root_view(self.params), self._root_batch(it * self.sp.iter_size),
+        batch = self._root_batch(batch_index(it, 0, self.sp.iter_size))
+        return (parallel.root_view(self.params), batch,
                 jax.random.fold_in(self.step_key(it), 0))
 
     def forward_loss(self) -> float:
