@@ -124,7 +124,7 @@ class Programs:
         and the metrics (``loss``, ``lr``, ``outputs``) stacked on a leading axis whose first
         ``n`` entries are these iterations'; not yet synchronised."""
         feed = self.feeds["train"]
-        what = (f"the train step ({self.cap} iterations per dispatch)" if self.cap > 1
+        what = (f"the train step (up to {self.cap} iterations per dispatch)" if self.cap > 1
                 else "the train step (1 iteration per dispatch)")
         with jax.default_device(self.root_device):
             if feed.on_device:
