@@ -129,8 +129,7 @@ class Solver(SolverInit):
         return int(jax.device_get(parallel.root_view(self.state.iter)))
 
     def step_key(self, it: int) -> jax.Array:
-        """The PRNG key of iteration ``it`` (``train_step.step_key``; device r of N folds r
-        in)."""
+        """The PRNG key of iteration ``it`` (``train_step.step_key``; device r folds r in)."""
         return step_key(self._step_key(), it)
 
     @property
@@ -375,6 +374,7 @@ class Solver(SolverInit):
             state = snapshot_mod.restore(state_path, self.net, self.tx, self.params,
                                          self._step_key())
         self._set_state(state)
+        self._last = None
         it = self.iter
         self.tests_done = self.schedule.tests_before(it)
         _log.info("Restoring previous solver status from %s (iteration %d)", state_path, it)
