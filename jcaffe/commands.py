@@ -282,7 +282,7 @@ def time_command(argv) -> int:
                 bottoms = [blobs[b] for b in layer.bottom_names]
             ctx = Context(train=train, key=jax.random.fold_in(key, i) if layer.needs_key else None)
             # Time the formulation the net runs: channels-last where the net keeps it.
-            channels_last = net.runs_channels_last(layer) and not layer.layout_agnostic
+            channels_last = net.plan[layer.name].channels_last and not layer.layout_agnostic
             if channels_last:
                 bottoms = [jnp.transpose(b, (0, 2, 3, 1)) for b in bottoms]
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jcaffe import log, parallel
+from jcaffe.data.netfeed import batch_index
 
 _log = log.get_logger("solver")
 
@@ -76,7 +77,7 @@ class Programs:
 
         def resident_batch(arrays, it):
             rank = jax.lax.axis_index(parallel.DATA_AXIS) if mesh is not None else 0
-            return _stack([feed.batch_at(arrays, it * iter_size + s, rank)
+            return _stack([feed.batch_at(arrays, batch_index(it, s, iter_size), rank)
                            for s in range(iter_size)])
 
         def loop(state, n, length, batch_of):
@@ -123,12 +124,12 @@ class Programs:
         and the metrics (``loss``, ``lr``, ``outputs``) stacked on a leading axis whose first
         ``n`` entries are these iterations'; not yet synchronised."""
         feed = self.feeds["train"]
-        what = (f"the train step ({self.cap} iterations per dispatch)" if self.cap > 1
+        what = (f"the train step (up to {self.cap} iterations per dispatch)" if self.cap > 1
                 else "the train step (1 iteration per dispatch)")
         with jax.default_device(self.root_device):
             if feed.on_device:
                 return self.call(self._resident, what, state, feed.arrays, jnp.int32(n))
-            batches = feed.chunk(it * self.iter_size, n, self.iter_size)
+            batches = feed.chunk(it, n, self.iter_size)
             if self.mesh is not None:
                 batches = parallel.put_sharded(batches, self.mesh, 2 if self.iter_size > 1 else 1)
             return self.call(self._host, what, state, batches, jnp.int32(n))

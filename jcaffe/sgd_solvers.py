@@ -33,8 +33,10 @@ Numerics: every piece computes in the parameters' dtype (float32) with Caffe's o
 Caffe's order (e.g. ``Normalize`` multiplies by the float32 ``1/iter_size``). Rates on the
 device are float32; Caffe evaluates ``pow`` / ``exp`` in double and rounds once to float, so
 they can differ by an ulp or two. XLA on CPU contracts ``a*b + c`` into fused multiply-adds, so
-elementwise results may differ from a non-FMA Caffe build in the last bits. The host version
-:func:`learning_rate` follows Caffe's float / double evaluation exactly and is what logs print.
+elementwise results may differ from a non-FMA Caffe build in the last bits. The policies'
+formulas are written once (``_rate``) and evaluated on the device (float32: the rate an update
+applies, which the logs print) or on the host (:func:`learning_rate`: Caffe's float / double
+evaluation exactly).
 """
 
 from __future__ import annotations
@@ -197,6 +199,57 @@ def _true_divide(x: jax.Array, divisor: np.float32) -> jax.Array:
     return x / jax.lax.optimization_barrier(full)
 
 
+class _Arithmetic(NamedTuple):
+    """Where a policy's rate is evaluated: the float operations that differ between the
+    device (float32, traceable) and the host (Caffe's: float32 operands, ``pow`` / ``exp`` in
+    double, one rounding to float). Integer logic uses ``xp`` (numpy or jax.numpy)."""
+
+    xp: Any
+    to_f32: Callable      # an int iteration as a float32 operand (Caffe: float(iter_))
+    count: Callable       # an int as pow's exponent (Caffe: int, promoted to double)
+    pow: Callable         # pow(float32, exponent)
+    logistic: Callable    # 1 / (1 + exp(z))
+    divide: Callable      # correctly rounded float32 division
+    scaled: Callable      # base · factor, rounded to float32
+
+
+_DEVICE = _Arithmetic(
+    jnp, lambda i: jnp.asarray(i, jnp.int32).astype(jnp.float32),
+    lambda i: jnp.asarray(i, jnp.int32).astype(jnp.float32), jnp.power,
+    lambda z: _F32(1) / (_F32(1) + jnp.exp(z)), _true_divide,
+    lambda base, r: (base * r).astype(jnp.float32))
+_HOST = _Arithmetic(
+    np, lambda i: _F32(int(i)), lambda i: np.float64(int(i)),
+    lambda x, y: np.power(np.float64(x), np.float64(y)),
+    lambda z: 1.0 / (1.0 + np.exp(np.float64(z))), lambda a, b: _F32(a) / _F32(b),
+    lambda base, r: _F32(np.float64(base) * r))
+
+
+def _rate(sp: caffe_pb2.SolverParameter, policy: str, base, it, cs, m: _Arithmetic):
+    """Caffe's GetLearningRate, the one copy of its formulas (see :func:`lr_policy`), over
+    the arithmetic ``m``: ``(rate, current_step)``."""
+    gamma, power, one = _F32(sp.gamma), _F32(sp.power), _F32(1)
+    if policy == "fixed":
+        return m.scaled(base, _F32(1)), cs
+    if policy == "step":
+        cs = it // sp.stepsize
+        return m.scaled(base, m.pow(gamma, m.count(cs))), cs
+    if policy == "exp":
+        return m.scaled(base, m.pow(gamma, m.count(it))), cs
+    if policy == "inv":
+        return m.scaled(base, m.pow(one + gamma * m.to_f32(it), -power)), cs
+    if policy == "multistep":
+        values = np.asarray(sp.stepvalue, np.int32)
+        if values.size:
+            nxt = m.xp.asarray(values)[m.xp.clip(cs, 0, values.size - 1)]
+            cs = cs + ((cs < values.size) & (it >= nxt)).astype(np.int32)
+        return m.scaled(base, m.pow(gamma, m.count(cs))), cs
+    if policy == "poly":
+        return m.scaled(base, m.pow(one - m.divide(m.to_f32(it), _F32(sp.max_iter)), power)), cs
+    # sigmoid
+    return m.scaled(base, m.logistic(-gamma * (m.to_f32(it) - _F32(sp.stepsize)))), cs
+
+
 def lr_policy(solver_param: caffe_pb2.SolverParameter, base_lr=None) -> LrPolicy:
     """Caffe's ``GetLearningRate`` as a jittable ``(iter, current_step) -> (rate, current_step)``.
 
@@ -219,33 +272,12 @@ def lr_policy(solver_param: caffe_pb2.SolverParameter, base_lr=None) -> LrPolicy
     sp = solver_param
     policy = _check_lr_policy(sp)
     base = _F32(sp.base_lr) if base_lr is None else jnp.asarray(base_lr, jnp.float32)
-    gamma, power = _F32(sp.gamma), _F32(sp.power)
-    one = _F32(1)
 
     def rate_fn(it, cs):
         it = jnp.asarray(it, jnp.int32)
         cs = jnp.asarray(cs, jnp.int32)
-        itf = it.astype(jnp.float32)
-        if policy == "fixed":
-            rate = jnp.asarray(base, jnp.float32)
-        elif policy == "step":
-            cs = it // jnp.int32(sp.stepsize)
-            rate = base * jnp.power(gamma, cs.astype(jnp.float32))
-        elif policy == "exp":
-            rate = base * jnp.power(gamma, itf)
-        elif policy == "inv":
-            rate = base * jnp.power(one + gamma * itf, -power)
-        elif policy == "multistep":
-            values = np.asarray(sp.stepvalue, np.int32)
-            if values.size:
-                nxt = jnp.asarray(values)[jnp.clip(cs, 0, values.size - 1)]
-                cs = cs + ((cs < values.size) & (it >= nxt)).astype(jnp.int32)
-            rate = base * jnp.power(gamma, cs.astype(jnp.float32))
-        elif policy == "poly":
-            rate = base * jnp.power(one - _true_divide(itf, _F32(sp.max_iter)), power)
-        else:  # sigmoid
-            rate = base * (one / (one + jnp.exp(-gamma * (itf - _F32(sp.stepsize)))))
-        return rate.astype(jnp.float32), cs
+        rate, cs = _rate(sp, policy, base, it, cs, _DEVICE)
+        return jnp.asarray(rate, jnp.float32), jnp.asarray(cs, jnp.int32)
 
     return rate_fn
 
@@ -279,32 +311,9 @@ def _host_rate(sp: caffe_pb2.SolverParameter, it: int, cs: int | None) -> tuple[
     if cs is None:
         taken = _multistep_taken(sp.stepvalue) if policy == "multistep" else []
         cs = sum(1 for t in taken if t < it)
-    cs = int(cs)
-    base, gamma, power = _F32(sp.base_lr), _F32(sp.gamma), _F32(sp.power)
-    b64 = np.float64(base)
     with np.errstate(all="ignore"):
-        if policy == "fixed":
-            rate = base
-        elif policy == "step":
-            cs = it // sp.stepsize
-            rate = _F32(b64 * np.power(np.float64(gamma), np.float64(cs)))
-        elif policy == "exp":
-            rate = _F32(b64 * np.power(np.float64(gamma), np.float64(it)))
-        elif policy == "inv":
-            x = _F32(1) + gamma * _F32(it)
-            rate = _F32(b64 * np.power(np.float64(x), np.float64(-power)))
-        elif policy == "multistep":
-            values = list(sp.stepvalue)
-            if cs < len(values) and it >= values[cs]:
-                cs += 1
-            rate = _F32(b64 * np.power(np.float64(gamma), np.float64(cs)))
-        elif policy == "poly":
-            x = _F32(1) - _F32(it) / _F32(sp.max_iter)
-            rate = _F32(b64 * np.power(np.float64(x), np.float64(power)))
-        else:  # sigmoid
-            z = -gamma * (_F32(it) - _F32(sp.stepsize))
-            rate = _F32(b64 * (1.0 / (1.0 + np.exp(np.float64(z)))))
-    return rate, cs
+        rate, cs = _rate(sp, policy, _F32(sp.base_lr), np.int64(it), np.int64(cs), _HOST)
+    return _F32(rate), int(cs)
 
 
 def learning_rate(solver_param: caffe_pb2.SolverParameter, it: int,

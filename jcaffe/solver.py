@@ -29,6 +29,7 @@ import numpy as np
 
 from jcaffe import log, parallel, sgd_solvers, snapshot as snapshot_mod
 from jcaffe.config import Config
+from jcaffe.data.netfeed import batch_index
 from jcaffe.errors import SolverError
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
@@ -106,7 +107,7 @@ class Solver(SolverInit):
         self.train_step = make_train_step(self.net, self.tx, iter_size=self.sp.iter_size,
                                           axis_name=parallel.DATA_AXIS if self.mesh else None)
         # Nets whose layers must not run inside a loop run one iteration per dispatch.
-        scan_ok = self.net.scan_ok and all(tn.scan_ok for tn in self.test_nets)
+        scan_ok = all(n.plan.scan_ok for n in [self.net, *self.test_nets])
         self.iters_per_call = max(1, int(iters_per_call)) if scan_ok else 1
         self._test_scan = scan_ok
         self.schedule = Schedule.of(self.sp, len(self.test_nets))
@@ -128,8 +129,7 @@ class Solver(SolverInit):
         return int(jax.device_get(parallel.root_view(self.state.iter)))
 
     def step_key(self, it: int) -> jax.Array:
-        """The PRNG key of iteration ``it`` (``train_step.step_key``; device r of N folds r
-        in)."""
+        """The PRNG key of iteration ``it`` (``train_step.step_key``; device r folds r in)."""
         return step_key(self._step_key(), it)
 
     @property
@@ -148,7 +148,8 @@ class Solver(SolverInit):
     def batch(self, it: int) -> dict[str, np.ndarray]:
         """The host batch the root device's train net reads at iteration ``it`` (a leading
         ``iter_size`` axis when ``iter_size > 1``)."""
-        subs = [self._root_batch(it * self.sp.iter_size + s) for s in range(self.sp.iter_size)]
+        subs = [self._root_batch(batch_index(it, s, self.sp.iter_size))
+                for s in range(self.sp.iter_size)]
         if len(subs) == 1:
             return subs[0]
         return {k: np.stack([s[k] for s in subs]) for k in subs[0]}
@@ -338,7 +339,8 @@ class Solver(SolverInit):
     def _probe_args(self):
         # Sub-batch 0 of the next iteration, with its key, on the root device.
         it = self.iter
-        return (parallel.root_view(self.params), self._root_batch(it * self.sp.iter_size),
+        batch = self._root_batch(batch_index(it, 0, self.sp.iter_size))
+        return (parallel.root_view(self.params), batch,
                 jax.random.fold_in(self.step_key(it), 0))
 
     def forward_loss(self) -> float:
@@ -372,6 +374,7 @@ class Solver(SolverInit):
             state = snapshot_mod.restore(state_path, self.net, self.tx, self.params,
                                          self._step_key())
         self._set_state(state)
+        self._last = None
         it = self.iter
         self.tests_done = self.schedule.tests_before(it)
         _log.info("Restoring previous solver status from %s (iteration %d)", state_path, it)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcaffe import log, parallel, sgd_solvers
+from jcaffe import execution, log, parallel, sgd_solvers
 from jcaffe.config import Config
 from jcaffe.errors import SolverError
 from jcaffe.net import Net
@@ -148,7 +148,7 @@ class SolverInit:
         # blob counts or shapes differ).
         self._test_share = [tn.shared_layer_keys(self.net) for tn in self.test_nets]
         if self.verbose:
-            log_formulation(self.net, self.config)
+            execution.log_formulation(self.net.plan, self.config.platform)
 
     def _step_key(self) -> jax.Array:
         return jax.random.wrap_key_data(jnp.asarray(self._step_key_data))
@@ -206,23 +206,6 @@ def _short_text(msg) -> str:
     from google.protobuf import text_format
 
     return text_format.MessageToString(msg, as_one_line=False).rstrip()
-
-
-def log_formulation(net: Net, config: Config) -> None:
-    """Says how the convolutions run, and on CPU why not as oneDNN kernels if not."""
-    from jcaffe import onednn
-
-    convs = sorted({net.conv_formulation(l) for l in net.layers
-                    if l.type in ("Convolution", "Deconvolution")})
-    if not convs:
-        return
-    status = onednn.available() if config.platform == "cpu" else None
-    why = ""
-    if "onednn" in convs:
-        why = f" ({status.detail})"
-    elif status is not None and not status.ok:
-        why = f" (oneDNN kernels not used: {status.detail})"
-    _log.info("Convolutions run as %s%s", ", ".join(convs), why)
 
 
 def log_outputs(kind: str, net: Net, values: dict) -> None:
