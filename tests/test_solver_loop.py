@@ -45,11 +45,11 @@ def workdir(tmp_path_factory):
     return d
 
 
-def make_solver(d, name):
+def make_solver(d, name, **kw):
     sp = text_format.Parse(SOLVER, caffe_pb2.SolverParameter())
     sp.net = str(d / "net.prototxt")
     sp.snapshot_prefix = str(d / name / "s")
-    return Solver(sp, devices=[jax.devices()[0]], verbose=False, config=Config())
+    return Solver(sp, devices=[jax.devices()[0]], verbose=False, config=Config(), **kw)
 
 
 def numbers(text):
@@ -140,6 +140,12 @@ def test_smoothed_loss_is_the_mean_of_the_last_average_loss_iterations(runs, wor
     assert smoothed[0] == pytest.approx(raw[0], rel=1e-5)
     for it in (3, 6, 9, 12):
         assert smoothed[it] == pytest.approx((raw[it - 1] + raw[it]) / 2, rel=1e-5), it
+    # run_iterations(n) beyond iters_per_call runs in several dispatches, every iteration.
+    short = make_solver(workdir, "short", iters_per_call=2)
+    losses = np.asarray(short.run_iterations(5)["loss"])
+    assert short.iter == 5
+    short.close()
+    np.testing.assert_allclose(losses, raw[:5], rtol=1e-6)
 
 
 def test_outputs_batch_and_step_key_describe_the_last_iteration(workdir):
