@@ -184,10 +184,20 @@ class Solver(SolverInit):
                                   verbose=self.verbose)
 
     def run_iterations(self, n: int):
-        """Runs ``n`` iterations in one dispatch (no tests, logs or snapshots); returns the
-        stacked metrics (``loss``, ``lr``, ``outputs``), not yet synchronised."""
-        metrics = self._run(self.iter, n)
-        return jax.tree.map(lambda x: x[:n], metrics) if len(metrics["loss"]) != n else metrics
+        """Runs ``n`` iterations (no tests, logs or snapshots) in dispatches of up to
+        ``iters_per_call``; returns the stacked metrics (``loss``, ``lr``, ``outputs``), not
+        yet synchronised."""
+        if n < 1:
+            raise SolverError(f"run_iterations needs n >= 1, got {n}")
+        self._setup_feeds()
+        it, parts = self.iter, []
+        while n > 0:
+            k = min(n, self._programs.cap)
+            m = self._run(it, k)
+            parts.append(jax.tree.map(lambda x: x[:k], m) if len(m["loss"]) != k else m)
+            it, n = it + k, n - k
+        return parts[0] if len(parts) == 1 else jax.tree.map(
+            lambda *xs: jnp.concatenate(xs), *parts)
 
     def _run(self, it: int, n: int):
         self._setup_feeds()
@@ -216,7 +226,7 @@ class Solver(SolverInit):
             tests = None
             if self.schedule.test_due(it):
                 tests = (it, [self._dispatch_test(i) for i in range(len(self.test_nets))])
-            n = self.schedule.chunk(it, stop, self.iters_per_call)
+            n = self.schedule.chunk(it, stop, self._programs.cap)
             metrics = self._run(it, n)
             if pending:
                 self._finish_chunk(*pending)

@@ -45,11 +45,11 @@ def workdir(tmp_path_factory):
     return d
 
 
-def make_solver(d, name):
+def make_solver(d, name, **kw):
     sp = text_format.Parse(SOLVER, caffe_pb2.SolverParameter())
     sp.net = str(d / "net.prototxt")
     sp.snapshot_prefix = str(d / name / "s")
-    return Solver(sp, devices=[jax.devices()[0]], verbose=False, config=Config())
+    return Solver(sp, devices=[jax.devices()[0]], verbose=False, config=Config(), **kw)
 
 
 def numbers(text):
@@ -124,13 +124,28 @@ def test_events_fall_on_caffes_iterations(runs):
         assert not re.search(r"Iteration 14, loss", text)
 
 
-def test_smoothed_loss_is_the_mean_of_the_last_average_loss_iterations(runs):
+def test_smoothed_loss_is_the_mean_of_the_last_average_loss_iterations(runs, workdir):
+    """Caffe's UpdateSmoothedLoss: the display line shows the mean of the last
+    ``average_loss`` (2) iterations' losses; the raw losses come from ``outputs`` after each
+    ``step(1)`` of a third run."""
     _, text, _, _, _ = runs
     smoothed = {int(i): float(v) for i, v in re.findall(r"Iteration (\d+) \(.*loss = (\S+)", text)}
-    raw = {int(i): float(v) for i, v in
-           re.findall(r"Iteration (\d+) \(.*\n.*Train net output #0: loss = (\S+)", text)}
-    assert smoothed[0] == pytest.approx(raw[0], rel=1e-5)  # one loss so far
     assert smoothed.keys() == {0, 3, 6, 9, 12}
+    s = make_solver(workdir, "raw")
+    raw = []
+    for _ in range(13):
+        s.step(1)
+        raw.append(float(s.outputs["loss"]))
+    s.close()
+    assert smoothed[0] == pytest.approx(raw[0], rel=1e-5)
+    for it in (3, 6, 9, 12):
+        assert smoothed[it] == pytest.approx((raw[it - 1] + raw[it]) / 2, rel=1e-5), it
+    # run_iterations(n) beyond iters_per_call runs in several dispatches, every iteration.
+    short = make_solver(workdir, "short", iters_per_call=2)
+    losses = np.asarray(short.run_iterations(5)["loss"])
+    assert short.iter == 5
+    short.close()
+    np.testing.assert_allclose(losses, raw[:5], rtol=1e-6)
 
 
 def test_outputs_batch_and_step_key_describe_the_last_iteration(workdir):
