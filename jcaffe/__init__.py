@@ -1,9 +1,10 @@
 """jcaffe: Caffe's nets and solvers as pure, jit-compiled JAX functions.
 
 Data flow: prototxt -> ``read_net`` / ``read_solver`` (upgraded to Caffe's current format) ->
-``Net`` (layers as pure functions over a ``{layer name: [blobs]}`` pytree) -> the fused train
-step (``jcaffe.train``) with Caffe's solvers as optax transformations -> Caffe-style logs and
-``.caffemodel`` / ``.solverstate`` snapshots.
+``Net`` (layers as pure functions over a ``{layer name: [blobs]}`` pytree) -> the pure train
+step (``jcaffe.train_step``) with Caffe's update rules as optax transformations
+(``jcaffe.sgd_solvers``) -> compiled programs (``jcaffe.programs``) -> Caffe's Solver loop
+(``jcaffe.Solver``) -> Caffe-style logs and ``.caffemodel`` / ``.solverstate`` snapshots.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ _LAZY = {
     "Config": "jcaffe.config",
     "load_caffemodel": "jcaffe.caffemodel",
     "save_caffemodel": "jcaffe.caffemodel",
-    "build_solver": "jcaffe.solver",
-    "learning_rate": "jcaffe.solver",
+    "build_solver": "jcaffe.sgd_solvers",
+    "learning_rate": "jcaffe.sgd_solvers",
+    "Solver": "jcaffe.solver",
     "Trainer": "jcaffe.train",
     "JcaffeError": "jcaffe.errors",
     "Classifier": "jcaffe.classifier",

@@ -146,11 +146,6 @@ def array_to_blob(arr, write_diff: bool = False, diff=None, *,
 
 # -- atomic writes ----------------------------------------------------------------------------
 
-def _atomic_target(path: str | os.PathLike):
-    """``jcaffe._atomic.atomic_file`` with OSErrors as a ModelError naming ``path``."""
-    return atomic_file(path, error=ModelError)
-
-
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` so that a crash leaves either the old file or the new one
     (``jcaffe._atomic``: temporary beside it, fsync, ``os.replace``); ModelError on failure."""
@@ -412,7 +407,7 @@ def _save_caffemodel_h5(path: str, layers) -> None:
     h5py = _h5py()
     seen_layers: set[str] = set()
     owned: set[str] = set()
-    with _atomic_target(path) as tmp:
+    with atomic_file(path, error=ModelError) as tmp:
         with h5py.File(tmp, "w") as f:
             data = f.create_group("data")
             for lp, blobs in layers:
@@ -506,7 +501,7 @@ def write_solverstate(path: str | os.PathLike, *, iter: int, learned_net: str,
         atomic_write(path, _serialize(state, path))
         return path
     h5py = _h5py()
-    with _atomic_target(path) as tmp:
+    with atomic_file(path, error=ModelError) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("iter", data=np.array([iter], dtype=np.int32))
             if learned_net:

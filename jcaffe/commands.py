@@ -1,6 +1,7 @@
-"""Caffe's tool commands on jcaffe: ``train``, ``test``, ``time``, ``device_query``.
+"""Caffe's tool commands on jcaffe: ``train``, ``test``, ``time``, ``device_query``: the
+command line of ``tools/caffe.cpp`` (with ``util/signal_handler.cpp``'s signal effects).
 
-They mirror ``caffe <command>`` (tools/caffe.cpp): the same flags (``--solver``, ``--model``,
+They mirror ``caffe <command>``: the same flags (``--solver``, ``--model``,
 ``--weights``, ``--snapshot``, ``--iterations``, ``--gpu``, ``--cpu``, ``--phase``) and the same
 log lines, so scripts written for Caffe keep working.
 """
@@ -8,6 +9,8 @@ log lines, so scripts written for Caffe keep working.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
 import time
 
@@ -17,7 +20,8 @@ import numpy as np
 
 from jcaffe import log
 from jcaffe.cli import parse_flags, register_command
-from jcaffe.errors import JcaffeError
+from jcaffe.config import Config
+from jcaffe.errors import JcaffeError, SolverError
 
 _log = log.get_logger("caffe")
 
@@ -33,10 +37,98 @@ def _device_from_flags(args):
     return devices[0]
 
 
+# ---------------------------------------------------------------------------------------------
+# train: flags, signals, train_main
+# ---------------------------------------------------------------------------------------------
+def install_signal_handlers(solver, sigint_effect: str, sighup_effect: str):
+    """Caffe's SignalHandler: SIGINT / SIGHUP ask the solver to 'stop' or 'snapshot' at its
+    next chunk boundary (or nothing: 'none')."""
+    def handler(effect):
+        def h(signum, frame):
+            if effect == "none":
+                return
+            _log.info("Signal %d received: %s", signum, effect)
+            solver.request(effect)
+        return h
+
+    signal.signal(signal.SIGINT, handler(sigint_effect))
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, handler(sighup_effect))
+
+
+def config_from_flags(args, environ=None) -> Config:
+    """The execution config of a command: ``JCAFFE_*`` variables, then flags."""
+    return Config.from_env(os.environ if environ is None else environ,
+                           precision=getattr(args, "precision", None) or None)
+
+
+def train_main(args) -> int:
+    """Runs ``caffe train`` from parsed flags (solver, weights, snapshot, gpu, cpu, devices,
+    iterations, level, stage, multi-process flags)."""
+    import logging
+
+    from jcaffe import parallel, prototxt
+    from jcaffe.solver import Solver
+
+    parallel.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                        heartbeat_timeout_s=args.heartbeat_timeout)
+    log.setup(level=logging.INFO if parallel.is_main_process() else logging.WARNING)
+    if args.weights and args.snapshot:
+        raise SolverError("give --weights or --snapshot, not both (as Caffe)")
+    sp = prototxt.read_solver(args.solver)
+    if args.level or args.stage:
+        # Caffe's `caffe train --level --stage`: they select the train net's layers.
+        sp.train_state.level = args.level
+        sp.train_state.stage.extend([s for s in args.stage.split(",") if s])
+    gpu = parallel.parse_ids(args.gpu, "gpu") if args.gpu else None
+    devs = parallel.parse_ids(args.devices, "devices") if args.devices else None
+    devices = parallel.select_devices(sp, gpu=gpu, devices=devs, force_cpu=args.cpu)
+    if args.iterations is not None:
+        sp.max_iter = args.iterations
+    solver = Solver(sp, solver_path=args.solver, devices=devices,
+                    config=config_from_flags(args),
+                    weights=[w for w in args.weights.split(",") if w] or None,
+                    iters_per_call=args.iters_per_call)
+    if args.snapshot:
+        solver.restore(args.snapshot)
+    install_signal_handlers(solver, args.sigint_effect, args.sighup_effect)
+    try:
+        solver.solve()
+    finally:
+        solver.close()
+    return 0
+
+
+def add_train_flags(parser) -> None:
+    parser.add_argument("solver", nargs="?", help="the solver prototxt")
+    parser.add_argument("--solver", dest="solver_flag", metavar="SOLVER", help="the solver prototxt")
+    parser.add_argument("--weights", default="", help="caffemodel(s) to fine-tune from, "
+                        "comma-separated (replaces the solver's `weights`)")
+    parser.add_argument("--snapshot", default="", help="a .solverstate to resume from")
+    parser.add_argument("--gpu", default="", help="GPU ids (comma-separated) or 'all'")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU whatever the solver says")
+    parser.add_argument("--devices", default="", help="device ids of the chosen platform "
+                        "(comma-separated) or 'all': data-parallel training")
+    parser.add_argument("--iterations", type=int, default=None, help="override max_iter")
+    parser.add_argument("--level", type=int, default=0, help="the train net's NetState level")
+    parser.add_argument("--stage", default="", help="the train net's NetState stages, "
+                        "comma-separated")
+    parser.add_argument("--precision", default="", choices=["", "float32", "tf32", "bf16"],
+                        help="matmul/convolution precision (default float32, Caffe's numbers)")
+    parser.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
+    parser.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
+    parser.add_argument("--iters_per_call", type=int, default=100,
+                        help="iterations fused into one device program")
+    parser.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                        help="multi-process training: process 0's address")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--heartbeat_timeout", type=int, default=30, metavar="SECONDS",
+                        help="multi-process: a process silent this long fails the run")
+
+
 @register_command("train", "train or fine-tune a model (--solver, --weights, --snapshot)")
 def train_command(argv) -> int:
-    from jcaffe.train import add_train_flags, train_main
-
     parser = argparse.ArgumentParser(prog="jcaffe train")
     add_train_flags(parser)
     args = parse_flags(argv, parser)
@@ -50,7 +142,6 @@ def _net_and_feed(args, phase):
     from jcaffe.caffemodel import load_caffemodel
     from jcaffe.net import Net
     from jcaffe.data.netfeed import NetFeed
-    from jcaffe.train import config_from_flags
 
     device = _device_from_flags(args)
     with jax.default_device(device):
@@ -208,7 +299,7 @@ def time_command(argv) -> int:
                 bottoms = [blobs[b] for b in layer.bottom_names]
             ctx = Context(train=train, key=jax.random.fold_in(key, i) if layer.needs_key else None)
             # Time the formulation the net runs: channels-last where the net keeps it.
-            channels_last = net.runs_channels_last(layer) and not layer.layout_agnostic
+            channels_last = net.plan[layer.name].channels_last and not layer.layout_agnostic
             if channels_last:
                 bottoms = [jnp.transpose(b, (0, 2, 3, 1)) for b in bottoms]
 

@@ -21,7 +21,6 @@ pass (BatchNorm's running sums) is explicit: ``apply(..., mutable=True)`` return
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Any, Collection, Mapping, Sequence
@@ -30,37 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcaffe import log
+from jcaffe import execution, log
 from jcaffe.config import DEFAULT as DEFAULT_CONFIG
 from jcaffe.config import Config
-from jcaffe.errors import ModelError, NetError
+from jcaffe.errors import NetError
 from jcaffe.layers.base import Context, Layer, Shape, layer_class
+from jcaffe.net_params import ParamInfo, ParamTable, legacy_equal  # noqa: F401 (ParamInfo: public)
 from jcaffe.proto import caffe_pb2
 
 _log = log.get_logger("net")
-
-_PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamInfo:
-    """One learnable blob: where it lives and how the solver treats it (Caffe's ParamSpec)."""
-
-    layer: str
-    index: int
-    shape: Shape
-    lr_mult: float
-    decay_mult: float
-    name: str = ""
-
-
-def _phase(phase) -> int:
-    if isinstance(phase, str):
-        try:
-            return _PHASES[phase.upper()]
-        except KeyError:
-            raise NetError(f"unknown phase {phase!r}: use TRAIN or TEST") from None
-    return int(phase)
 
 
 def _shape_str(shape: Shape) -> str:
@@ -110,7 +87,7 @@ class Net:
             self.source = source or "<NetParameter>"
             net_param = upgrade.upgrade_net(net_param)
         if state is None:
-            state = netstate.net_state_for(net_param, _phase(phase), level, stages)
+            state = netstate.net_state_for(net_param, netstate.phase_value(phase), level, stages)
         self.state = state
         self.phase = state.phase
         self.net_param = netstate.filter_net(net_param, state)
@@ -128,15 +105,16 @@ class Net:
             _log.info(msg, *args, stacklevel=2)
 
     def _build(self) -> None:
+        """Caffe's ``Net::Init``: each layer in file order, then the outputs and the plan."""
         self._info("Initializing net from parameters: %s (phase %s)", self.name or "(unnamed)",
                    "TRAIN" if self.phase == caffe_pb2.TRAIN else "TEST")
-        shapes: dict[str, Shape] = {}
+        self.blob_shapes: dict[str, Shape] = {}
         self.layers: list[Layer] = []
         self.loss_weights: list[list[float]] = []
-        self.params_info: list[ParamInfo] = []  # learnable (owned) params, Caffe's order
-        self._blob_source: dict[str, list[tuple[str, int]]] = {}
+        table = ParamTable()
+        self.params_info = table.info  # learnable (owned) params, Caffe's order
+        self._blob_source = table.sources
         self._inline_blobs: dict[str, list[np.ndarray]] = {}
-        self._has_mult: list[list[bool]] = []  # per params_info entry: lr_mult, decay_mult given
         self.force_backward = bool(self.net_param.force_backward)
         self._stopped_bottoms: dict[str, frozenset[int]] = {}
         # Layers whose LayerParameter.phase differs from the net's: their fixed train flag.
@@ -144,66 +122,14 @@ class Net:
         if self.net_param.debug_info:
             _log.warning("%s: debug_info: true is not implemented (Caffe logs every layer's data "
                          "and gradient norms per pass); the net runs without it", self.source)
-        param_names: dict[str, tuple[str, int, Shape]] = {}
         keys = _layer_keys([lp.name for lp in self.net_param.layer])
-
         for lp, key in zip(self.net_param.layer, keys):
-            for b in lp.bottom:
-                if b not in shapes:
-                    known = ", ".join(self.blob_display_name(s) for s in shapes
-                                      if not _is_automatic(s)) or "none"
-                    raise NetError(f"layer '{lp.name}' (type {lp.type}): unknown bottom blob "
-                                   f"'{b}' (no earlier layer produces it; available: {known})")
-            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
-                raise NetError(f"layer '{lp.name}' (type {lp.type}): propagate_down must be "
-                               f"given 0 or {len(lp.bottom)} times (once per bottom), got "
-                               f"{len(lp.propagate_down)}")
-            cls = _layer_class(lp, self.source)
-            self._info("Creating Layer %s", lp.name)
-            for b in lp.bottom:
-                self._info("%s <- %s", lp.name, b)
-            build_lp = _with_automatic_tops(lp, cls, key)
-            # A layer's own ``phase`` wins over the net's (Caffe: inherited only when unset).
-            phase = lp.phase if lp.HasField("phase") else self.phase
-            if phase != self.phase:
-                self._layer_train[key] = phase == caffe_pb2.TRAIN
-            layer = cls(build_lp, [shapes[b] for b in lp.bottom], phase, config=self.config,
-                        net_source=self.source)
-            # The layer keeps the prototxt's LayerParameter (an anonymous top is not part of
-            # it, as in Caffe) and the net-unique name that keys its params.
-            layer.param = lp
-            layer.name = key
-            for i, (t, s) in enumerate(zip(layer.top_names, layer.top_shapes)):
-                in_place = i < len(lp.bottom) and lp.bottom[i] == t
-                if t in shapes and not in_place:
-                    raise NetError(f"layer '{lp.name}' (type {lp.type}): top blob '{t}' is "
-                                   f"produced by multiple sources (an earlier layer already "
-                                   f"produces it; only an in-place top may reuse a bottom)")
-                self._info("%s -> %s%s", lp.name, self.blob_display_name(t),
-                           " (in-place)" if in_place else "")
-                shapes[t] = s
-            for s in layer.top_shapes:
-                self._info("Top shape: %s", _shape_str(s))
-            self.layers.append(layer)
-            self.loss_weights.append(self._loss_weights(lp, layer))
-            for t, w in zip(layer.top_names, self.loss_weights[-1]):
-                if w:
-                    self._info("    with loss weight %g", w)
-            self._blob_source[key] = self._resolve_params(lp, layer, param_names)
+            layer = self._add_layer(lp, key)
+            table.add(lp, layer)
             if len(lp.blobs):
                 self._inline_blobs[key] = _inline_blobs(lp, layer, self.source)
-            self._stopped_bottoms[key] = self._stops(lp, layer)
-
-        self.blob_shapes = shapes
-        # Caffe's net outputs: blobs no later layer consumes (an in-place top re-produces its
-        # bottom). Caffe keeps them in a std::set, so they come out sorted by name. Anonymous
-        # tops (loss layers given no top) are never outputs: Caffe appends them without making
-        # them available.
-        available: set[str] = set()
-        for lp in self.net_param.layer:
-            available.difference_update(lp.bottom)
-            available.update(lp.top)
-        self.output_names = sorted(available)
+            self._stopped_bottoms[key] = _stopped(lp, layer, self.force_backward)
+        self.output_names = _outputs(self.net_param)
         self.data_layers = [l for l in self.layers if l.is_data]
         if self.force_backward:
             self._info("force_backward: gradients reach every parameter (lr_mult 0 included) "
@@ -213,16 +139,55 @@ class Net:
         self._frozen_params = (frozenset() if self.force_backward else
                                frozenset((p.layer, p.index) for p in self.params_info
                                          if p.lr_mult == 0))
-        del self._has_mult
+        # How each layer runs (layout, formulation, scan): one frozen table.
+        self.plan = execution.resolve(self.layers, self.layout)
         self._info("Network initialization done.")
 
-    def _stops(self, lp, layer: Layer) -> frozenset[int]:
-        """Bottom indices whose gradient is stopped: Caffe's ``propagate_down: false``, which
-        ``force_backward`` overrides wherever the layer's ``AllowForceBackward`` holds."""
-        stopped = {k for k, flag in enumerate(lp.propagate_down) if not flag}
-        if self.force_backward:
-            stopped &= _no_force_backward(layer)
-        return frozenset(stopped)
+    def _add_layer(self, lp, key: str) -> Layer:
+        """Checks ``lp``'s wiring against the blobs so far, builds the layer (params keyed
+        ``key``), records its tops and loss weights."""
+        shapes = self.blob_shapes
+        for b in lp.bottom:
+            if b not in shapes:
+                known = ", ".join(self.blob_display_name(s) for s in shapes
+                                  if not _is_automatic(s)) or "none"
+                raise NetError(f"layer '{lp.name}' (type {lp.type}): unknown bottom blob "
+                               f"'{b}' (no earlier layer produces it; available: {known})")
+        if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
+            raise NetError(f"layer '{lp.name}' (type {lp.type}): propagate_down must be "
+                           f"given 0 or {len(lp.bottom)} times (once per bottom), got "
+                           f"{len(lp.propagate_down)}")
+        cls = _layer_class(lp, self.source)
+        self._info("Creating Layer %s", lp.name)
+        for b in lp.bottom:
+            self._info("%s <- %s", lp.name, b)
+        # A layer's own ``phase`` wins over the net's (Caffe: inherited only when unset).
+        phase = lp.phase if lp.HasField("phase") else self.phase
+        if phase != self.phase:
+            self._layer_train[key] = phase == caffe_pb2.TRAIN
+        layer = cls(_with_automatic_tops(lp, cls, key), [shapes[b] for b in lp.bottom], phase,
+                    config=self.config, net_source=self.source)
+        # The layer keeps the prototxt's LayerParameter (an anonymous top is not part of
+        # it, as in Caffe) and the net-unique name that keys its params.
+        layer.param = lp
+        layer.name = key
+        for i, (t, s) in enumerate(zip(layer.top_names, layer.top_shapes)):
+            in_place = i < len(lp.bottom) and lp.bottom[i] == t
+            if t in shapes and not in_place:
+                raise NetError(f"layer '{lp.name}' (type {lp.type}): top blob '{t}' is "
+                               f"produced by multiple sources (an earlier layer already "
+                               f"produces it; only an in-place top may reuse a bottom)")
+            self._info("%s -> %s%s", lp.name, self.blob_display_name(t),
+                       " (in-place)" if in_place else "")
+            shapes[t] = s
+        for s in layer.top_shapes:
+            self._info("Top shape: %s", _shape_str(s))
+        self.layers.append(layer)
+        self.loss_weights.append(_loss_weights(lp, layer))
+        for t, w in zip(layer.top_names, self.loss_weights[-1]):
+            if w:
+                self._info("    with loss weight %g", w)
+        return layer
 
     def blob_display_name(self, name: str) -> str:
         """The name Caffe shows for a blob: ``(automatic)`` for an anonymous top (a loss layer
@@ -245,87 +210,9 @@ class Net:
         here of a repeated name keep their own blobs. Layers without blobs are skipped; a
         blob count or shape mismatch is a NetError naming the layer.
         """
-        firsts = {}
-        for layer in self.layers:
-            firsts.setdefault(layer.param.name, layer)
-        out: dict[str, str] = {}
-        for src in source.layers:
-            target = firsts.get(src.param.name)
-            if target is None:
-                continue
-            if len(target.blob_shapes) != len(src.blob_shapes):
-                raise NetError(f"layer '{src.param.name}': {len(src.blob_shapes)} blob(s) in "
-                               f"the source net but {len(target.blob_shapes)} here; Caffe "
-                               f"shares weights by layer name")
-            if not src.blob_shapes:
-                continue
-            for j, (a, b) in enumerate(zip(src.blob_shapes, target.blob_shapes)):
-                if tuple(a) != tuple(b):
-                    raise NetError(f"layer '{src.param.name}' blob {j}: shape {list(a)} in the "
-                                   f"source net but {list(b)} here; Caffe shares weights by "
-                                   f"layer name (rename the layer to keep its own)")
-            out[target.name] = src.name
-        return out
+        from jcaffe.net_params import shared_layer_keys
 
-    def _loss_weights(self, lp, layer: Layer) -> list[float]:
-        # Counts the anonymous tops too (Caffe's SetLossWeights checks against top.size()).
-        n = len(layer.top_names)
-        if len(lp.loss_weight):
-            if len(lp.loss_weight) != n:
-                raise NetError(f"layer '{lp.name}': loss_weight must be given once per top "
-                               f"({n}), got {len(lp.loss_weight)}")
-            return [float(w) for w in lp.loss_weight]
-        return [1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(n)]
-
-    def _resolve_params(self, lp, layer: Layer, param_names) -> list[tuple[str, int]]:
-        if len(lp.param) > len(layer.blob_shapes):
-            raise NetError(f"layer '{lp.name}': {len(lp.param)} param specs given but the layer "
-                           f"has {len(layer.blob_shapes)} parameter blob(s)")
-        key = layer.name
-        sources = []
-        for j, shape in enumerate(layer.blob_shapes):
-            spec = lp.param[j] if j < len(lp.param) else caffe_pb2.ParamSpec()
-            if spec.name and spec.name in param_names:
-                owner, idx, oshape = param_names[spec.name]
-                strict = spec.share_mode != caffe_pb2.ParamSpec.PERMISSIVE
-                if (strict and oshape != shape) or int(np.prod(oshape)) != int(np.prod(shape)):
-                    raise NetError(f"layer '{lp.name}': shared param '{spec.name}' has shape "
-                                   f"{list(shape)} here but {list(oshape)} in layer '{owner}'")
-                self._share_mults(lp, spec, owner, idx)
-                sources.append((owner, idx))
-                continue
-            if spec.name:
-                param_names[spec.name] = (key, j, shape)
-            sources.append((key, j))
-            lr_mult, decay_mult = float(spec.lr_mult), float(spec.decay_mult)
-            if layer.stateful:
-                # Blobs the forward pass updates (BatchNorm's statistics) are never learned:
-                # Caffe's BatchNormLayer forces their lr_mult/decay_mult to 0.
-                lr_mult = decay_mult = 0.0
-            self.params_info.append(ParamInfo(key, j, shape, lr_mult, decay_mult, spec.name))
-            self._has_mult.append([spec.HasField("lr_mult") or layer.stateful,
-                                   spec.HasField("decay_mult") or layer.stateful])
-        return sources
-
-    def _share_mults(self, lp, spec, owner: str, idx: int) -> None:
-        """Caffe's AppendParam for a sharing layer: an lr_mult/decay_mult it sets must equal
-        one the owner set; where the owner set none, the sharing layer's value applies to the
-        shared blob."""
-        k = next(i for i, p in enumerate(self.params_info) if (p.layer, p.index) == (owner, idx))
-        info, has = self.params_info[k], self._has_mult[k]
-        for field, slot in (("lr_mult", 0), ("decay_mult", 1)):
-            if not spec.HasField(field):
-                continue
-            value, current = float(getattr(spec, field)), float(getattr(info, field))
-            if has[slot]:
-                if value != current:
-                    raise NetError(f"layer '{lp.name}': shared param '{spec.name}' has "
-                                   f"{field} {value:g} here but {current:g} in its owner, layer "
-                                   f"'{owner}' (Caffe: mismatched {field})")
-            else:
-                has[slot] = True
-                info = dataclasses.replace(info, **{field: value})
-        self.params_info[k] = info
+        return shared_layer_keys(self.layers, source.layers)
 
     # -- the pure API -----------------------------------------------------------------------
     def init(self, key: jax.Array, skip: Collection[str] = ()) -> dict[str, list[jax.Array | None]]:
@@ -341,21 +228,9 @@ class Net:
         return jax.jit(functools.partial(self._init, skip=skip))(key)
 
     def _init(self, key: jax.Array, skip: frozenset = frozenset()) -> dict[str, list[jax.Array | None]]:
-        params: dict[str, list[jax.Array | None]] = {}
-        for i, layer in enumerate(self.layers):
-            if not layer.blob_shapes:
-                continue
-            if layer.name in skip:
-                params[layer.name] = [None] * len(layer.blob_shapes)
-                continue
-            blobs = layer.init(jax.random.fold_in(key, i))
-            if layer.name in self._inline_blobs:
-                # Caffe's Layer constructor: blobs given in the LayerParameter replace fillers.
-                blobs = [jnp.asarray(b, jnp.float32) for b in self._inline_blobs[layer.name]]
-            owned = self._blob_source[layer.name]
-            params[layer.name] = [b if src == (layer.name, j) else None
-                                  for j, (b, src) in enumerate(zip(blobs, owned))]
-        return params
+        from jcaffe.net_params import fill_params
+
+        return fill_params(self.layers, self._blob_source, self._inline_blobs, key, skip)
 
     def input_specs(self) -> dict[str, tuple[Shape, Any]]:
         """Raw arrays the host feeds: top name → (shape, dtype), for every data layer."""
@@ -375,15 +250,42 @@ class Net:
         ``train`` defaults to the net's phase. ``key`` feeds Dropout and random data transforms.
         ``frozen=True`` stops gradients into params with ``lr_mult: 0`` (Caffe computes none).
         """
+        return self.apply_range(params, {}, 0, len(self.layers) - 1, inputs=inputs, train=train,
+                                key=key, mutable=mutable, frozen=frozen)
+
+    def apply_range(self, params, blobs: Mapping[str, Any], start: int, end: int, *,
+                    inputs: Mapping[str, Any] | None = None, fixed: Collection[str] = (),
+                    taps: Mapping[str, Any] | None = None, train: bool | None = None,
+                    key: jax.Array | None = None, mutable: bool = False, frozen: bool = False):
+        """Caffe's ``ForwardFromTo(start, end)``: runs ``layers[start..end]`` (inclusive).
+
+        ``blobs`` holds the values (Caffe's NCHW) of blobs the range reads but does not produce
+        first; the result is ``blobs`` updated with every top the range produces. ``fixed``
+        names tops that keep their value from ``blobs`` instead of the layer's (a layer all of
+        whose tops are fixed is not run: pycaffe's Input blobs, DummyData tops of a constant
+        filler, which Caffe fills once). ``taps`` maps a blob name to an array added to the
+        first value the range produces for it: with zeros, the gradient with respect to the
+        tap is the gradient Caffe's backward pass leaves in that blob's diff (in-place layers
+        later overwrite the value, not the tap). Layer ``i`` draws from ``fold_in(key, i)``
+        whatever the range, so a range repeats the full pass's random numbers. ``apply`` is
+        the full range from no blobs.
+        """
         train = (self.phase == caffe_pb2.TRAIN) if train is None else train
         inputs = inputs or {}
-        blobs: dict[str, jax.Array] = {}
+        fixed = frozenset(fixed)
+        taps = dict(taps or {})
+        blobs: dict[str, jax.Array] = dict(blobs)
         # Blobs held channels-last inside the program (see ``layout``); every interface,
         # including the returned dict, stays Caffe's NCHW.
         nhwc: set[str] = set()
         new_params = dict(params) if mutable else None
         frozen_set = self._frozen_params if frozen else frozenset()
-        for i, layer in enumerate(self.layers):
+        for i in range(start, end + 1):
+            layer = self.layers[i]
+            if layer.top_names and all(t in fixed for t in layer.top_names):
+                for t in layer.top_names:
+                    nhwc.discard(t)
+                continue
             lkey = jax.random.fold_in(key, i) if (key is not None and layer.needs_key) else None
             ctx = Context(train=self._layer_train.get(layer.name, train), key=lkey)
             channels_last = False
@@ -422,8 +324,14 @@ class Net:
                     new_params[layer.name] = [u if src == (layer.name, j) else None
                                               for j, (u, src) in enumerate(zip(updated, owned))]
             for t, v in zip(layer.top_names, out):
+                last = channels_last and v.ndim == 4
+                if t in fixed:
+                    v, last = blobs[t], False
+                elif t in taps:
+                    tap = taps.pop(t)
+                    v = v + (_to_nhwc(tap) if last else tap).astype(v.dtype)
                 blobs[t] = v
-                if channels_last and v.ndim == 4:
+                if last:
                     nhwc.add(t)
                 else:
                     nhwc.discard(t)
@@ -448,19 +356,21 @@ class Net:
         return total, (blobs, new_params)
 
     def runs_channels_last(self, layer) -> bool:
-        """Whether this net runs ``layer`` on channels-last bottoms (its ``apply_nhwc``)."""
-        return self.layout == "NHWC" and layer.nhwc_ok and not layer.is_data
+        """Whether this net runs ``layer`` on channels-last bottoms (its ``apply_nhwc``):
+        ``plan``'s layout."""
+        return self.plan[layer.name].channels_last
 
     def conv_formulation(self, layer) -> str:
-        """The formulation a (De)Convolution layer of this net runs: ``"im2col"`` or
-        ``"xla"`` (the channels-first path may differ from the layer's own choice)."""
-        return layer.formulation(self.runs_channels_last(layer))
+        """The formulation a (De)Convolution layer of this net runs (``plan``): ``"im2col"``,
+        ``"onednn"`` or ``"xla"`` (the channels-first path may differ from the layer's own
+        choice)."""
+        return self.plan[layer.name].formulation
 
     @property
     def scan_ok(self) -> bool:
         """Whether every layer's formulation runs at full speed inside ``lax.scan``, so the
-        train step may fuse many iterations into one dispatch."""
-        return all(layer.scan_ok(self.runs_channels_last(layer)) for layer in self.layers)
+        train step may fuse many iterations into one dispatch (``plan.scan_ok``)."""
+        return self.plan.scan_ok
 
     def outputs(self, blobs: Mapping[str, Any]) -> dict[str, Any]:
         """The net's output blobs (Caffe: tops no later layer reads), e.g. loss and accuracy."""
@@ -486,39 +396,10 @@ class Net:
         Source layers the net lacks are ignored (logged); a blob count or shape mismatch is an
         error naming the layer, the blob and both shapes.
         """
-        new = {k: list(v) for k, v in params.items()}
-        # Caffe copies into the first layer of the name (a repeated name's later layers keep
-        # their own blobs).
-        by_name: dict[str, Layer] = {}
-        for l in self.layers:
-            by_name.setdefault(l.param.name, l)
-        for name, blobs in source.items():
-            layer = by_name.get(name)
-            if layer is None:
-                self._info("Ignoring source layer %s", name)
-                continue
-            key = layer.name
-            owned = [src == (key, j) for j, src in enumerate(self._blob_source[key])]
-            # HDF5 models store a shared blob only with its owner: those may be absent here.
-            short_ok = len(blobs) < len(owned) and not any(owned[len(blobs):])
-            if len(blobs) != len(layer.blob_shapes) and not short_ok:
-                raise ModelError(f"{filename}: layer '{name}' has {len(blobs)} blob(s) but the "
-                                 f"net expects {len(layer.blob_shapes)}")
-            self._info("Copying source layer %s", name)
-            for j, (blob, shape) in enumerate(zip(blobs, layer.blob_shapes)):
-                if blob is None:
-                    continue
-                arr = np.asarray(blob)
-                if tuple(arr.shape) != tuple(shape):
-                    if _legacy_equal(arr.shape, shape):
-                        arr = arr.reshape(shape)
-                    else:
-                        raise ModelError(f"{filename}: layer '{name}' blob {j}: shape "
-                                         f"{list(arr.shape)} does not match the net's "
-                                         f"{list(shape)}")
-                owner, idx = self._blob_source[key][j]
-                new[owner][idx] = jnp.asarray(arr, jnp.float32)
-        return new
+        from jcaffe.net_params import copy_trained_layers
+
+        return copy_trained_layers(self.layers, self._blob_source, params, source, filename,
+                                   self._info)
 
     def __repr__(self) -> str:
         return f"<Net {self.name!r} phase={self.phase} layers={len(self.layers)}>"
@@ -532,10 +413,37 @@ def _to_nchw(x):
     return jnp.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
 
 
-def _legacy_equal(found, expected) -> bool:
-    """Caffe's legacy 4-d blobs (num, channels, height, width) pad the real shape with 1s."""
-    strip = lambda s: tuple(s)[next((i for i, d in enumerate(s) if d != 1), len(s)):]
-    return len(found) == 4 and strip(found) == strip(expected)
+def _stopped(lp, layer: Layer, force_backward: bool) -> frozenset[int]:
+    """Bottom indices whose gradient is stopped: Caffe's ``propagate_down: false``, which
+    ``force_backward`` overrides wherever the layer's ``AllowForceBackward`` holds."""
+    stopped = {k for k, flag in enumerate(lp.propagate_down) if not flag}
+    if force_backward:
+        stopped &= _no_force_backward(layer)
+    return frozenset(stopped)
+
+
+def _loss_weights(lp, layer: Layer) -> list[float]:
+    """Caffe's SetLossWeights: one per top (anonymous tops counted), 1 on a loss layer's
+    first top when the prototxt gives none."""
+    n = len(layer.top_names)
+    if len(lp.loss_weight):
+        if len(lp.loss_weight) != n:
+            raise NetError(f"layer '{lp.name}': loss_weight must be given once per top "
+                           f"({n}), got {len(lp.loss_weight)}")
+        return [float(w) for w in lp.loss_weight]
+    return [1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(n)]
+
+
+def _outputs(net_param) -> list[str]:
+    """Caffe's net outputs: blobs no later layer consumes (an in-place top re-produces its
+    bottom). Caffe keeps them in a std::set, so they come out sorted by name. Anonymous tops
+    (loss layers given no top) are never outputs: Caffe appends them without making them
+    available."""
+    available: set[str] = set()
+    for lp in net_param.layer:
+        available.difference_update(lp.bottom)
+        available.update(lp.top)
+    return sorted(available)
 
 
 AUTOMATIC = "(automatic)"
@@ -625,7 +533,7 @@ def _inline_blobs(lp, layer: Layer, source: str) -> list[np.ndarray]:
     for j, (blob, shape) in enumerate(zip(lp.blobs, layer.blob_shapes)):
         arr = blob_to_array(blob, f"{where} inline blob {j}")
         if tuple(arr.shape) != tuple(shape):
-            if not _legacy_equal(arr.shape, shape):
+            if not legacy_equal(arr.shape, shape):
                 raise NetError(f"{where}: inline blob {j} has shape {list(arr.shape)} but the "
                                f"layer expects {list(shape)}")
             arr = arr.reshape(shape)

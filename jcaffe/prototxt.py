@@ -79,21 +79,17 @@ def _decode_text(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    atomic_write(path, data, error=ProtoError)
-
-
 def write_text(path: str, message: pb_message.Message) -> None:
     """Writes ``message`` in text format (Caffe's WriteProtoToTextFile), atomically: a reader
     never sees a half-written file. A net's SSD fork fields are written too."""
     if isinstance(message, caffe_pb2.NetParameter):
         message = ssd_pb2.NetParameter.FromString(message.SerializeToString())
-    _atomic_write(path, text_format.MessageToString(message).encode("utf-8"))
+    atomic_write(path, text_format.MessageToString(message).encode("utf-8"), error=ProtoError)
 
 
 def write_binary(path: str, message: pb_message.Message) -> None:
     """Writes ``message`` in binary wire format (Caffe's WriteProtoToBinaryFile), atomically."""
-    _atomic_write(path, message.SerializeToString())
+    atomic_write(path, message.SerializeToString(), error=ProtoError)
 
 
 def resolve_path(path: str, relative_to_file: str | None = None) -> str:

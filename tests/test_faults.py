@@ -301,7 +301,7 @@ def test_kill_9_while_creating_a_dataset_then_rerun_finishes(tmp_path):
 def test_interrupted_replacement_is_put_back(tmp_path):
     """A writer killed between its two renames (old dataset moved aside, new one not yet in
     place) leaves no dataset at PATH: the next writer restores the old one before anything."""
-    from jcaffe.data._atomic import remove_stale
+    from jcaffe._atomic import remove_stale
 
     x, y = _expected_records(20)
     target = tmp_path / "ds"

@@ -228,3 +228,25 @@ def test_every_module_imports_in_isolation():
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip() == "FAILED:", proc.stdout + proc.stderr[-6000:]
+
+
+# The training stack, bottom up: each module may import those before it, never those after
+# (prototxt -> Net -> update rules -> pure step -> programs -> snapshots -> Solver -> command
+# line), so a reader can go through it top down.
+TRAINING_LAYERS = [
+    "jcaffe.net", "jcaffe.sgd_solvers", "jcaffe.train_step", "jcaffe.programs",
+    "jcaffe.snapshot", "jcaffe.solver_init", "jcaffe.solver", "jcaffe.commands", "jcaffe.train",
+]
+
+
+def test_training_stack_points_one_way():
+    graph = import_graph(ROOT)
+    rank = {m: i for i, m in enumerate(TRAINING_LAYERS)}
+    assert set(rank) <= set(graph)
+    upward = [f"{m} -> {t} (line {line})" for m in TRAINING_LAYERS
+              for t, line in graph[m].items() if t in rank and rank[t] > rank[m]]
+    assert not upward, "modules importing a later layer of the training stack:\n" + \
+        "\n".join(upward)
+    # The pure step and the update rules know nothing of the loop around them.
+    for low in ("jcaffe.sgd_solvers", "jcaffe.train_step"):
+        assert not {"jcaffe.data.netfeed", "jcaffe.parallel"} & set(graph[low]), low

@@ -14,7 +14,7 @@ import optax
 import pytest
 from google.protobuf import text_format
 
-from jcaffe import solver as S
+from jcaffe import sgd_solvers as S
 from jcaffe.errors import ModelError, SolverError
 from jcaffe.proto import caffe_pb2
 

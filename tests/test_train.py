@@ -379,7 +379,7 @@ def test_iter_size_accumulates_like_one_larger_batch(workdir, tmp_path, choices_
 def test_logged_lr_is_the_rate_the_solver_applied(workdir, tmp_path):
     """A resumed multistep run whose stored current_step lags its iteration (Caffe takes at
     most one step per iteration) logs the rate it applies, not the rate of the iteration."""
-    from jcaffe import caffemodel, solver as solver_mod
+    from jcaffe import caffemodel, sgd_solvers as solver_mod
     kw = dict(test_interval=0, snapshot=0, snapshot_after_train=False, display=1, max_iter=10,
               lr_policy="multistep", gamma=0.5, base_lr=0.04)
     sp_extra = "stepvalue: 3 stepvalue: 6\n"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from jcaffe import solver
+from jcaffe import sgd_solvers as solver
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
-from jcaffe.train import TrainState, init_state, make_train_step, prng_streams
+from jcaffe.train_step import TrainState, init_state, make_train_step, prng_streams
 
 LINEAR = """
 name: "linreg"

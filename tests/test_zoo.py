@@ -21,7 +21,7 @@ from jcaffe.errors import JcaffeError
 from jcaffe.layers.base import known_types
 from jcaffe.net import Net
 from jcaffe.proto import caffe_pb2
-from jcaffe.solver import learning_rate
+from jcaffe.sgd_solvers import learning_rate
 
 ZOO = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "zoo"
 MANIFEST = ZOO / "MANIFEST.json"

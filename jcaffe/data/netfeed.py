@@ -12,7 +12,9 @@ Both placements give identical batches:
   stacks the global batches of ``n`` iterations (each split over the devices, device r's
   records in block r) for one scanned dispatch.
 
-A resumed run finds its place from the iteration alone.
+A resumed run finds its place from the iteration alone: iteration ``i`` reads batches
+``i·iter_size + s`` (``batch_index``), and batch ``b`` starts at stream position
+``start + b·N·B`` (``batch_position``) on both placements: the cursor arithmetic lives here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ import numpy as np
 
 from jcaffe import parallel
 from jcaffe.errors import DataError
+
+
+def batch_index(it, s: int, iter_size: int):
+    """The batch of iteration ``it``'s sub-batch ``s``: ``it·iter_size + s`` (Caffe's data
+    layers advance once per forward pass; host or traced ints)."""
+    return it * iter_size + s
+
+
+def batch_position(start: int, b, per_batch: int, rank=0, count: int | None = None):
+    """Stream position of batch ``b``'s first record (device ``rank``'s: ``+ rank``):
+    ``start + b·per_batch + rank``; with ``count``, as an int32 cursor modulo ``count``
+    (traced ``b``, no overflow of the sum)."""
+    if count is None:
+        return start + b * per_batch + rank
+    c = jnp.int32(count)
+    step = jnp.int32(per_batch % count)
+    return jnp.remainder(jnp.int32(start % count) + jnp.remainder(
+        jnp.asarray(b, jnp.int32) * step, c) + jnp.asarray(rank, jnp.int32), c)
 
 
 class NetFeed:
@@ -72,12 +92,8 @@ class NetFeed:
         device-resident ``arrays``."""
         out = {}
         n = self.ranks
-        k = jnp.asarray(batch_index, jnp.int32)
         for f, a, start in zip(self.feeders, arrays, self._start):
-            count = jnp.int32(f.count)
-            step = jnp.int32((n * f.batch_size) % f.count)
-            cursor = jnp.remainder(jnp.int32(start % f.count) + jnp.remainder(k * step, count)
-                                   + jnp.asarray(rank, jnp.int32), count)
+            cursor = batch_position(start, batch_index, n * f.batch_size, rank, f.count)
             out.update(f.batch_at(a, cursor, stride=n))
         return out
 
@@ -95,7 +111,7 @@ class NetFeed:
         out = {}
         for i, (f, start) in enumerate(zip(self.feeders, self._start)):
             b = f.reader.batch_size
-            first = start + batch_index * self.ranks * b
+            first = batch_position(start, batch_index, self.ranks * b)
             parts = [self._read(i, first + m * b) for m in range(self.ranks)]
             for top in parts[0]:
                 if self.ranks == 1:
@@ -112,12 +128,12 @@ class NetFeed:
                 out[top] = x
         return out
 
-    def chunk(self, first_batch: int, n: int, iter_size: int):
-        """The batches of ``n`` iterations from batch ``first_batch``: arrays
+    def chunk(self, it: int, n: int, iter_size: int):
+        """The batches of ``n`` iterations from iteration ``it``: arrays
         ``[n, (iter_size,) N·B, ...]``, host arrays when N > 1 (the caller splits them)."""
         its = []
         for j in range(n):
-            subs = [self.host_batch(first_batch + j * iter_size + s) for s in range(iter_size)]
+            subs = [self.host_batch(batch_index(it + j, s, iter_size)) for s in range(iter_size)]
             its.append(subs[0] if iter_size == 1 else _stack(subs))
         return _stack(its)
 
@@ -168,3 +184,24 @@ def check_labels(labels: np.ndarray, first_position: int, rule, data_layer, coun
         source = data_layer.param.data_param.source or data_layer.name
         raise DataError(f"{source}: record {record}: label {int(lab[j])} is out of range for "
                         f"layer '{name}', which has {classes} classes (0..{classes - 1})")
+
+
+def _int_seed(key: jax.Array) -> int:
+    return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def solver_feeds(net, test_nets, data_key: jax.Array, on_device: bool | None, *, mesh,
+                 root_device, ranks: int) -> dict:
+    """A solver's batches: ``{"train": NetFeed, i: NetFeed of test net i}``. Data layer
+    ``l`` of net ``k`` (0: train, i+1: test net i) shuffles with seed
+    ``fold_in(data_key, 1000·k + l)``. The train net feeds every device of ``mesh``; test
+    nets run on the root device only (Caffe's root solver tests)."""
+    def seeds(n, k):
+        return [_int_seed(jax.random.fold_in(data_key, 1000 * k + i))
+                for i in range(len(n.data_layers))]
+
+    placement = parallel.replicated(mesh) if mesh is not None else root_device
+    feeds = {"train": NetFeed(net, placement, on_device, seeds(net, 0), ranks=ranks)}
+    for i, tn in enumerate(test_nets):
+        feeds[i] = NetFeed(tn, root_device, on_device, seeds(tn, i + 1))
+    return feeds

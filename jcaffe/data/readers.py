@@ -3,7 +3,7 @@
 A data layer (``jcaffe.layers.data``) keeps Caffe's parameters, its shapes, ``input_specs()`` and
 the on-device transform; ``layer.make_reader(seed)`` returns one of the readers here, which does
 all the reading on the host. Every reader satisfies :class:`Reader`, the one surface the feeders
-(``jcaffe.data.feed``) and the trainer (``jcaffe.train``) use.
+(``jcaffe.data.feed``) and the solver (``jcaffe.solver``) use.
 
 The record stream. Records are numbered ``0 .. count-1`` in the source's order. A reader walks
 an endless stream: stream position ``p`` is record ``p % count`` of pass ``p // count``, so a
@@ -59,7 +59,7 @@ class ReaderOwner(Protocol):
 
 @runtime_checkable
 class Reader(Protocol):
-    """The host side of a data layer, as ``jcaffe.data.feed`` and ``jcaffe.train`` use it.
+    """The host side of a data layer, as ``jcaffe.data.feed`` and ``jcaffe.solver`` use it.
 
     Attributes: ``layer`` (the owning data layer: ``name``, ``type``, ``param`` for messages),
     ``tops`` (top names in ``input_specs`` order), ``batch_size``, ``prefetch`` (batches a

@@ -78,6 +78,31 @@ def _tokens(text: str):
             yield tok, no
 
 
+class _Cursor:
+    """The window file's tokens, read one at a time with the line each stands on."""
+
+    def __init__(self, text: str, error):
+        self._toks = _tokens(text)
+        self._last_line = max(1, len(text.splitlines()))
+        self.error = error
+
+    def next(self) -> tuple[str, int] | None:
+        return next(self._toks, None)
+
+    def take(self, what: str) -> tuple[str, int]:
+        got = self.next()
+        if got is None:
+            raise self.error(self._last_line, f"file ends where {what} was expected")
+        return got
+
+    def integer(self, what: str) -> tuple[int, int]:
+        tok, no = self.take(what)
+        try:
+            return int(tok), no
+        except ValueError:
+            raise self.error(no, f"{what} must be an integer, got {tok!r}") from None
+
+
 class WindowFile:
     """A parsed window file: ``images``, ``fg`` and ``bg`` windows (see the module doc)."""
 
@@ -91,76 +116,74 @@ class WindowFile:
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else e
             raise DataError(f"{where}failed to open window file '{path}': {reason}") from None
-        fg_t, bg_t = np.float32(fg_threshold), np.float32(bg_threshold)
+        self._fg_t, self._bg_t = np.float32(fg_threshold), np.float32(bg_threshold)
         self.images: list[WindowImage] = []
         self.fg: list[Window] = []
         self.bg: list[Window] = []
         self.dropped = 0
-        toks = _tokens(text)
-        last_line = max(1, len(text.splitlines()))
-
-        def take(what: str) -> tuple[str, int]:
-            got = next(toks, None)
-            if got is None:
-                raise self._error(last_line, f"file ends where {what} was expected")
-            return got
-
-        def integer(what: str) -> tuple[int, int]:
-            tok, no = take(what)
-            try:
-                return int(tok), no
-            except ValueError:
-                raise self._error(no, f"{what} must be an integer, got {tok!r}") from None
-
+        cur = _Cursor(text, self._error)
         while True:
-            got = next(toks, None)
+            got = cur.next()
             if got is None:
                 break
             tok, no = got
             if tok != "#":
                 raise self._error(no, f"expected '#' starting an image entry, got {tok!r}")
-            index, no = integer("the image index after '#'")
-            if index != len(self.images):
-                raise self._error(no, f"image index {index}: images must be numbered 0, 1, 2, "
-                                      f"... in file order (expected {len(self.images)})")
-            rel, _ = take("the image path")
-            channels, cno = integer("channels")
-            height, _ = integer("height")
-            width, _ = integer("width")
-            if channels != CHANNELS:
-                raise self._error(cno, f"image '{rel}' has {channels} channels; WindowData reads "
-                                       f"every image in colour ({CHANNELS} channels)")
-            if height <= 0 or width <= 0:
-                raise self._error(cno, f"image '{rel}' has size {height}x{width}")
-            self.images.append(WindowImage(root_path(root_folder, rel), channels, height, width,
-                                           no))
-            count, cno = integer("num_windows")
+            index = self._image(cur, root_folder)
+            count, cno = cur.integer("num_windows")
             if count < 0:
                 raise self._error(cno, f"num_windows is {count}")
             for _ in range(count):
-                label, wno = integer("a window's class_index")
-                otok, ono = take("a window's overlap")
-                try:
-                    overlap = np.float32(float(otok))
-                except ValueError:
-                    raise self._error(ono, f"overlap must be a number, got {otok!r}") from None
-                x1, _ = integer("x1")
-                y1, _ = integer("y1")
-                x2, _ = integer("x2")
-                y2, eno = integer("y2")
-                if x2 < x1 or y2 < y1 or x1 < 0 or y1 < 0:
-                    raise self._error(eno, f"window [{x1}, {y1}, {x2}, {y2}] is not a box "
-                                           f"(need 0 <= x1 <= x2, 0 <= y1 <= y2)")
-                if overlap >= fg_t:
-                    if label <= 0:
-                        raise self._error(wno, f"foreground window (overlap {float(overlap):g} "
-                                               f">= fg_threshold) has class {label}; classes "
-                                               f"of foreground windows start at 1")
-                    self.fg.append(Window(index, label, float(overlap), x1, y1, x2, y2, wno))
-                elif overlap < bg_t:
-                    self.bg.append(Window(index, 0, 0.0, x1, y1, x2, y2, wno))
-                else:
-                    self.dropped += 1
+                self._window(cur, index)
+        self._check_and_log()
+
+    def _image(self, cur: _Cursor, root_folder: str) -> int:
+        """``# index path channels height width``: appends the image, returns its index."""
+        index, no = cur.integer("the image index after '#'")
+        if index != len(self.images):
+            raise self._error(no, f"image index {index}: images must be numbered 0, 1, 2, "
+                                  f"... in file order (expected {len(self.images)})")
+        rel, _ = cur.take("the image path")
+        channels, cno = cur.integer("channels")
+        height, _ = cur.integer("height")
+        width, _ = cur.integer("width")
+        if channels != CHANNELS:
+            raise self._error(cno, f"image '{rel}' has {channels} channels; WindowData reads "
+                                   f"every image in colour ({CHANNELS} channels)")
+        if height <= 0 or width <= 0:
+            raise self._error(cno, f"image '{rel}' has size {height}x{width}")
+        self.images.append(WindowImage(root_path(root_folder, rel), channels, height, width, no))
+        return index
+
+    def _window(self, cur: _Cursor, index: int) -> None:
+        """``class_index overlap x1 y1 x2 y2``: a foreground window (overlap >= fg_threshold),
+        a background one (overlap < bg_threshold) or, between the two, dropped."""
+        label, wno = cur.integer("a window's class_index")
+        otok, ono = cur.take("a window's overlap")
+        try:
+            overlap = np.float32(float(otok))
+        except ValueError:
+            raise self._error(ono, f"overlap must be a number, got {otok!r}") from None
+        x1, _ = cur.integer("x1")
+        y1, _ = cur.integer("y1")
+        x2, _ = cur.integer("x2")
+        y2, eno = cur.integer("y2")
+        if x2 < x1 or y2 < y1 or x1 < 0 or y1 < 0:
+            raise self._error(eno, f"window [{x1}, {y1}, {x2}, {y2}] is not a box "
+                                   f"(need 0 <= x1 <= x2, 0 <= y1 <= y2)")
+        if overlap >= self._fg_t:
+            if label <= 0:
+                raise self._error(wno, f"foreground window (overlap {float(overlap):g} "
+                                       f">= fg_threshold) has class {label}; classes "
+                                       f"of foreground windows start at 1")
+            self.fg.append(Window(index, label, float(overlap), x1, y1, x2, y2, wno))
+        elif overlap < self._bg_t:
+            self.bg.append(Window(index, 0, 0.0, x1, y1, x2, y2, wno))
+        else:
+            self.dropped += 1
+
+    def _check_and_log(self) -> None:
+        where, path = self.where, self.path
         if not self.images:
             raise DataError(f"{where}window file '{path}' is empty")
         if not self.fg or not self.bg:

@@ -448,10 +448,11 @@ class HDF5OutputLayer(Layer):
         return []
 
     def _write(self, data, label) -> None:
-        from jcaffe.caffemodel import _atomic_target, _h5py
+        from jcaffe._atomic import atomic_file
+        from jcaffe.caffemodel import _h5py
 
         h5py = _h5py()
-        with _atomic_target(self.file_name) as tmp:
+        with atomic_file(self.file_name, error=ModelError) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("data", data=np.asarray(data, np.float32))
                 f.create_dataset("label", data=np.asarray(label, np.float32))

@@ -147,8 +147,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def install_caffe_module() -> None:
-    """Makes ``import caffe`` work for pycaffe layer modules: the real pycaffe when it is
-    importable, else ``jcaffe.pycaffe_shim`` (registered in ``sys.modules``)."""
+    """Makes ``import caffe`` work for pycaffe layer modules: whatever ``caffe`` package is
+    importable (jcaffe's own ``caffe/``, or a real pycaffe earlier on ``sys.path``), else
+    ``jcaffe.pycaffe_shim`` (registered in ``sys.modules``)."""
     try:
         import caffe  # noqa: F401
         return

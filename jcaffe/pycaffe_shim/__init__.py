@@ -1,4 +1,6 @@
-"""The small ``caffe`` module that pycaffe Python layers import, for machines without pycaffe.
+"""The small ``caffe`` module that pycaffe Python layers import when no ``caffe`` package is
+importable (jcaffe's own ``caffe/`` package, pycaffe's whole interface, uses this module's
+``Layer`` and supersedes the rest).
 
 jcaffe runs Caffe's ``Python`` layers (``jcaffe.layers.python``) on the host. Their modules do
 ``import caffe`` and subclass ``caffe.Layer``; when the real pycaffe is not importable, jcaffe

@@ -88,6 +88,25 @@ def _same_encoding(filename: str, enc: str) -> bool:
     return ext == enc or (enc == "jpg" and ext == "jpeg") or (enc == "jpeg" and ext == "jpg")
 
 
+@dataclass(frozen=True)
+class _Options:
+    """How each image becomes a record (the flags after their checks)."""
+
+    root_folder: str
+    list_file: str
+    backend: str
+    is_color: bool
+    resize_height: int
+    resize_width: int
+    encoded: bool
+    encode_type: str
+    check_size: bool
+
+    @property
+    def resize(self) -> bool:
+        return self.resize_height > 0 and self.resize_width > 0
+
+
 def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bool = False,
                      shuffle: bool = False, seed: int | None = None, resize_height: int = 0,
                      resize_width: int = 0, backend: str = "tensorstore", encoded: bool = False,
@@ -95,12 +114,7 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
                      log: Callable[[str], None] = print) -> int:
     """Converts the images of ``list_file`` (under ``root_folder``) into ``db_name``; returns the
     number of records. See the module docstring."""
-    from jcaffe.data.dataset import write_dataset
-    from jcaffe.data.datum import array_to_datum, encoded_datum
-    from jcaffe.data.image import (decode_image, encode_image, hwc_to_chw, native_channels,
-                                   pil_format_for, resize_linear)
-    from jcaffe.data.sources import write_leveldb, write_lmdb
-    from jcaffe.tools.progress import progress_iter
+    from jcaffe.data.image import pil_format_for
 
     if backend not in BACKENDS:
         raise DataError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -112,10 +126,8 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
     if encoded and backend == "tensorstore":
         raise DataError("--encoded needs --backend lmdb or leveldb (a jcaffe dataset stores "
                         "decoded pixels)")
-    is_color = not gray
-    resize_height, resize_width = max(0, resize_height), max(0, resize_width)
-    resize = resize_height > 0 and resize_width > 0
-
+    opts = _Options(root_folder, list_file, backend, not gray, max(0, resize_height),
+                    max(0, resize_width), encoded, encode_type, check_size)
     entries = read_list(list_file)
     if not entries:
         raise DataError(f"{list_file}: the list holds no images")
@@ -126,64 +138,34 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
         order = np.random.default_rng(seed).permutation(len(entries))
         entries = [entries[i] for i in order]
     log(f"A total of {len(entries)} images.")
+    flags = [f for f, on in (("gray", gray), ("resize", opts.resize)) if on]
+    source = (f"convert_imageset {list_file} (root {root_folder}"
+              + (f", {', '.join(flags)}" if flags else "")
+              + (f", shuffled with seed {seed}" if shuffle else "") + ")")
+    return _write(db_name, entries, opts, source, overwrite, log)
 
-    first_shape: list[tuple[int, int, int]] = []
 
-    def records() -> Iterator[tuple[str, object, np.ndarray | None, int]]:
-        """(key, datum or None, chw array or None, label) per entry, in order."""
-        for line_id, e in enumerate(entries):
-            where = f"{list_file}:{e.lineno}: image '{e.filename}'"
-            path = _join(root_folder, e.filename)
-            try:
-                with open(path, "rb") as f:
-                    raw = f.read()
-            except OSError as err:
-                raise DataError(f"{where}: cannot read '{path}': {err.strerror or err}") from None
-            img = decode_image(raw, is_color, where=where)
-            if resize:
-                img = resize_linear(img, resize_height, resize_width)
-            shape = (img.shape[2], img.shape[0], img.shape[1])
-            if not first_shape:
-                first_shape.append(shape)
-            elif (check_size or backend == "tensorstore") and shape != first_shape[0]:
-                hint = "" if backend != "tensorstore" or resize else (
-                    "; a jcaffe dataset needs one size: give --resize_height/--resize_width")
-                raise DataError(f"{where}: size {shape[0]}x{shape[1]}x{shape[2]} differs from "
-                                f"the first image's {'x'.join(map(str, first_shape[0]))}{hint}")
-            key = f"{line_id:08d}_{e.filename}"
-            if encoded:
-                enc = encode_type or _guess_encoding(e.filename)
-                if not enc or pil_format_for(enc) is None:
-                    raise DataError(f"{where}: cannot tell the encoding from the file name; give "
-                                    "--encode_type")
-                wanted = 3 if is_color else 1
-                if (not resize and _same_encoding(e.filename, enc)
-                        and native_channels(raw, where=where) == wanted):
-                    data = raw
-                else:
-                    data = encode_image(img, enc, where=where)
-                yield key, encoded_datum(data, e.label, shape), None, e.label
-            elif backend == "tensorstore":
-                yield key, None, hwc_to_chw(img), e.label
-            else:
-                yield key, array_to_datum(hwc_to_chw(img), e.label), None, e.label
+def _write(db_name: str, entries, opts: _Options, source: str, overwrite: bool, log) -> int:
+    """Writes the records of ``entries`` to ``db_name``, logging Caffe's progress lines."""
+    from jcaffe.data.dataset import write_dataset
+    from jcaffe.data.sources import write_leveldb, write_lmdb
+    from jcaffe.tools.progress import progress_iter
 
     counter = [0]
 
-    def shown(items):
+    def items():
         # a bar on a terminal; the "Processed N files." lines stay as Caffe's
-        return progress_iter(items, len(entries), os.path.basename(db_name.rstrip("/")), "img")
+        for item in progress_iter(_records(entries, opts), len(entries),
+                                  os.path.basename(db_name.rstrip("/")), "img"):
+            counter[0] += 1
+            if counter[0] % 1000 == 0:
+                log(f"Processed {counter[0]} files.")
+            yield item
 
-    def progress(item):
-        counter[0] += 1
-        if counter[0] % 1000 == 0:
-            log(f"Processed {counter[0]} files.")
-        return item
-
-    if backend == "tensorstore":
+    if opts.backend == "tensorstore":
         def batches():
             buf_x, buf_y = [], []
-            for _, _, chw, label in map(progress, shown(records())):
+            for _, _, chw, label in items():
                 buf_x.append(chw)
                 buf_y.append(label)
                 if len(buf_x) == _BATCH:
@@ -192,18 +174,58 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
             if buf_x:
                 yield np.stack(buf_x), np.asarray(buf_y, np.int32)
 
-        flags = [f for f, on in (("gray", gray), ("resize", resize)) if on]
-        write_dataset(db_name, batches(), overwrite=overwrite,
-                      source=f"convert_imageset {list_file} (root {root_folder}"
-                             + (f", {', '.join(flags)}" if flags else "")
-                             + (f", shuffled with seed {seed}" if shuffle else "") + ")")
+        write_dataset(db_name, batches(), overwrite=overwrite, source=source)
     else:
-        writer = write_lmdb if backend == "lmdb" else write_leveldb
-        writer(db_name, ((key, datum) for key, datum, _, _ in map(progress, shown(records()))),
-               overwrite=overwrite)
+        writer = write_lmdb if opts.backend == "lmdb" else write_leveldb
+        writer(db_name, ((key, datum) for key, datum, _, _ in items()), overwrite=overwrite)
     if counter[0] % 1000:
         log(f"Processed {counter[0]} files.")
     return counter[0]
+
+
+def _records(entries, opts: _Options) -> Iterator[tuple[str, object, np.ndarray | None, int]]:
+    """(key, datum or None, chw array or None, label) per entry, in order."""
+    from jcaffe.data.datum import array_to_datum, encoded_datum
+    from jcaffe.data.image import (decode_image, encode_image, hwc_to_chw, native_channels,
+                                   pil_format_for, resize_linear)
+
+    first_shape = None
+    for line_id, e in enumerate(entries):
+        where = f"{opts.list_file}:{e.lineno}: image '{e.filename}'"
+        path = _join(opts.root_folder, e.filename)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            raise DataError(f"{where}: cannot read '{path}': {err.strerror or err}") from None
+        img = decode_image(raw, opts.is_color, where=where)
+        if opts.resize:
+            img = resize_linear(img, opts.resize_height, opts.resize_width)
+        shape = (img.shape[2], img.shape[0], img.shape[1])
+        if first_shape is None:
+            first_shape = shape
+        elif (opts.check_size or opts.backend == "tensorstore") and shape != first_shape:
+            hint = "" if opts.backend != "tensorstore" or opts.resize else (
+                "; a jcaffe dataset needs one size: give --resize_height/--resize_width")
+            raise DataError(f"{where}: size {shape[0]}x{shape[1]}x{shape[2]} differs from "
+                            f"the first image's {'x'.join(map(str, first_shape))}{hint}")
+        key = f"{line_id:08d}_{e.filename}"
+        if opts.encoded:
+            enc = opts.encode_type or _guess_encoding(e.filename)
+            if not enc or pil_format_for(enc) is None:
+                raise DataError(f"{where}: cannot tell the encoding from the file name; give "
+                                "--encode_type")
+            wanted = 3 if opts.is_color else 1
+            if (not opts.resize and _same_encoding(e.filename, enc)
+                    and native_channels(raw, where=where) == wanted):
+                data = raw
+            else:
+                data = encode_image(img, enc, where=where)
+            yield key, encoded_datum(data, e.label, shape), None, e.label
+        elif opts.backend == "tensorstore":
+            yield key, None, hwc_to_chw(img), e.label
+        else:
+            yield key, array_to_datum(hwc_to_chw(img), e.label), None, e.label
 
 
 def _parser() -> argparse.ArgumentParser:
