@@ -101,7 +101,7 @@ def decode_image(data: bytes, color: bool | None = True, *, where: str = "image"
         if mode in ("LA", "RGBA"):
             rgba = np.asarray(img.convert("RGBA"), dtype=np.uint8)
             return rgba[:, :, [2, 1, 0, 3]].copy()
-    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    rgb = np.asarray(img if mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     return rgb[:, :, ::-1].copy()
 
 

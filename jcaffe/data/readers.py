@@ -48,7 +48,7 @@ import numpy as np
 
 from jcaffe import log
 from jcaffe.data.image import hwc_to_chw, read_image_file, resize_linear
-from jcaffe.data.workers import DecodePool
+from jcaffe.data.workers import DecodePool, ReadAhead
 from jcaffe.errors import DataError, LayerError
 
 _log = log.get_logger("data")
@@ -134,6 +134,8 @@ class BatchReader:
     """
 
     shuffled: bool = False
+    # Whether next_batch decodes the following batch ahead (with more than one worker).
+    read_ahead: bool = True
 
     def __init__(self, layer: ReaderOwner, seed: int | None, count: int,
                  workers: int | None = None):
@@ -143,6 +145,7 @@ class BatchReader:
         self.pool = DecodePool(workers)
         self.workers = self.pool.workers
         self.records_read = 0  # records read (and decoded) so far, load_all included
+        self._ahead = ReadAhead()
         self.tops = [t for t, _, _ in layer.input_specs()]
         self.specs = {t: (tuple(s[1:]), np.dtype(d)) for t, s, d in layer.input_specs()}
         self.batch_size = int(layer.batch_size)
@@ -175,12 +178,17 @@ class BatchReader:
         position = int(position)
         if position < 0:
             raise DataError(f"layer '{self.layer.name}': cannot seek to position {position}")
+        self._ahead.cancel()
         self._position = position
 
     def next_batch(self) -> dict[str, np.ndarray]:
         self._check_nonempty()
-        out = self.batch_at(self._position)
-        self._position += self.batch_size
+        here = self._position
+        out = self._ahead.take(here, lambda: self.batch_at(here))
+        self._position = here + self.batch_size
+        if self.read_ahead and self.workers > 1:
+            after = self._position
+            self._ahead.start(after, lambda: self.batch_at(after))
         return out
 
     def batch_at(self, position: int) -> dict[str, np.ndarray]:
@@ -247,7 +255,7 @@ class BatchReader:
         return total
 
     def close(self) -> None:
-        pass
+        self._ahead.cancel()
 
     def __enter__(self):
         return self
@@ -317,6 +325,8 @@ class ShardReader:
         self.device_batch = int(reader.batch_size)
         self.batch_size = self.ranks * self.device_batch
         self._position = reader.position
+        self._ahead = ReadAhead()
+        self._read_ahead = getattr(reader, "read_ahead", False) and reader.workers > 1
 
     @property
     def count(self) -> int:
@@ -348,11 +358,16 @@ class ShardReader:
         return self.reader.read_positions(self.positions(position))
 
     def next_batch(self) -> dict[str, np.ndarray]:
-        out = self.batch_at(self._position)
-        self._position += self.batch_size
+        here = self._position
+        out = self._ahead.take(here, lambda: self.batch_at(here))
+        self._position = here + self.batch_size
+        if self._read_ahead:
+            after = self._position
+            self._ahead.start(after, lambda: self.batch_at(after))
         return out
 
     def seek(self, position: int) -> None:
+        self._ahead.cancel()
         self.reader.seek(position)
         self._position = int(position)
 
@@ -360,6 +375,7 @@ class ShardReader:
         return self.reader.load_all()
 
     def close(self) -> None:
+        self._ahead.cancel()
         self.reader.close()
 
     def __enter__(self):
@@ -419,6 +435,7 @@ class SourceReader(BatchReader):
         return out
 
     def close(self):
+        super().close()
         if self.source is not None:
             self.source.close()
             self.source = None
@@ -627,6 +644,8 @@ class HDF5Reader(BatchReader):
     reshuffles the files each pass and the rows each time a file is loaded).
     """
 
+    read_ahead = False
+
     def __init__(self, layer: ReaderOwner, seed, h5: HDF5Files, shuffle: bool = False,
                  workers: int | None = None):
         self.shuffled = bool(shuffle)
@@ -636,7 +655,8 @@ class HDF5Reader(BatchReader):
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._orders: dict[tuple, Any] = {}
         # Rows are copied out of whole files already in memory: nothing to decode, and h5py
-        # serialises its calls under one lock, so the workers would not help here.
+        # serialises its calls under one lock, so the workers would not help here
+        # (read_ahead is off).
         super().__init__(layer, seed, int(self.offsets[-1]), workers)
 
     def _file(self, f: int) -> dict[str, np.ndarray]:
@@ -750,7 +770,10 @@ class MemoryReader(BatchReader):
     """MemoryData: the arrays last given to ``set_input_arrays`` (Caffe's Reset).
 
     A new ``set_input_arrays`` restarts the stream at 0, as Caffe's Reset sets ``pos_ = 0``.
+    Nothing is read ahead: new arrays may arrive between two batches.
     """
+
+    read_ahead = False
 
     def __init__(self, layer: ReaderOwner, seed, store: ArrayStore):
         self.store = store

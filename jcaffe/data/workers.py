@@ -18,10 +18,12 @@ worker count (which worker decodes a record changes nothing it computes). When r
 the error raised is the one of the first failing record in record order, the same message a
 single worker gives.
 
-Bounded memory. Work is submitted one batch at a time by the thread that assembles the batch
-(the prefetch thread of ``jcaffe.data.feed``); the pool holds no queue of its own beyond that
-batch's pieces, so host memory stays at ``prefetch`` finished batches plus the one being
-decoded.
+Overlap and bounded memory. A reader with several workers decodes the next batch while its
+caller (the prefetch thread of ``jcaffe.data.feed``) puts the current one on the device
+(:class:`ReadAhead`: one batch, on its own thread, started when a batch is handed out, and
+dropped by ``seek``). Work is submitted one batch at a time; the pool holds no queue of its
+own beyond that batch's pieces, so host memory stays at ``prefetch`` finished batches, the one
+being put on the device and the one being decoded.
 
 The worker count. ``workers=None`` (or 0) is the number of cores this process may run on
 (``os.sched_getaffinity``), Caffe's users' machines having many; ``workers=1`` decodes in the
@@ -114,4 +116,48 @@ class DecodePool:
         return f"<DecodePool workers={self.workers}>"
 
 
-__all__ = ["DecodePool", "available_cores", "resolve_workers", "PIECES_PER_WORKER"]
+class ReadAhead:
+    """One value computed ahead on its own thread, handed out if asked for under its key.
+
+    ``start(key, fn)`` runs ``fn()`` in the background (after dropping any earlier one);
+    ``take(key, fn)`` returns that value when ``key`` matches (re-raising its exception, so
+    an error surfaces for the batch it belongs to), else drops it and returns ``fn()``.
+    ``cancel()`` waits for a running one and drops it."""
+
+    def __init__(self):
+        self._key = None
+        self._thread: threading.Thread | None = None
+        self._box: dict = {}
+
+    def start(self, key, fn: Callable[[], object]) -> None:
+        self.cancel()
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001  (raised again by take)
+                box["error"] = e
+
+        self._key, self._box = key, box
+        self._thread = threading.Thread(target=run, name="jcaffe-read-ahead", daemon=True)
+        self._thread.start()
+
+    def take(self, key, fn: Callable[[], object]):
+        if self._thread is not None and self._key == key:
+            self._thread.join()
+            box = self._box
+            self._thread, self._key, self._box = None, None, {}
+            if "error" in box:
+                raise box["error"]
+            return box["value"]
+        self.cancel()
+        return fn()
+
+    def cancel(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        self._thread, self._key, self._box = None, None, {}
+
+
+__all__ = ["DecodePool", "ReadAhead", "available_cores", "resolve_workers", "PIECES_PER_WORKER"]
