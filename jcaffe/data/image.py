@@ -101,8 +101,12 @@ def decode_image(data: bytes, color: bool | None = True, *, where: str = "image"
         if mode in ("LA", "RGBA"):
             rgba = np.asarray(img.convert("RGBA"), dtype=np.uint8)
             return rgba[:, :, [2, 1, 0, 3]].copy()
-    rgb = np.asarray(img if mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
-    return rgb[:, :, ::-1].copy()
+    if mode != "RGB":
+        img = img.convert("RGB")
+    # Pillow packs the pixels as BGR itself (one pass in C, far cheaper than numpy's copy of
+    # a channel-reversed view); the contiguous copy makes the array writable.
+    width, height = img.size
+    return np.frombuffer(img.tobytes("raw", "BGR"), np.uint8).reshape(height, width, 3).copy()
 
 
 def native_channels(data: bytes, *, where: str = "image") -> int:
