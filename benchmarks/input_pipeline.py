@@ -16,7 +16,11 @@ with an ``ImageData`` list. Then, in one run:
    decoded on W workers, put on the device) for each worker count W (default 1, 2, ... the
    cores available), with the ratios the targets name: W=1 against the decoder's single-core
    rate (target >= 0.8), W workers against W x that rate (target >= 0.7, up to the cores);
-3. **starvation**: the train step of ``--net`` (default: AlexNet's first stage, conv1 + relu +
+3. **two processes**: two processes on this host, each owning one of 2 devices, read the
+   same LMDB as a 2-device run does (``jcaffe.data.readers.ShardReader``, what a multi-process
+   run uses), with half the cores each: how many records each decodes (target: half of those
+   the run consumes) and their combined rate;
+4. **starvation**: the train step of ``--net`` (default: AlexNet's first stage, conv1 + relu +
    pool + a classifier, on the 227² crops) fed by the real pipeline (W = all cores), against
    the same step on a device-resident synthetic batch of the same shape. ``starved`` when the
    fed step is more than 10 % slower.
@@ -161,6 +165,45 @@ def pipeline_rate(layer, seconds: float) -> float:
         return n * layer.batch_size / (time.perf_counter() - t0)
 
 
+def shard_child(kind_source: str, root: str, batch: int, crop: int, workers: int,
+                process: int, batches: int) -> dict:
+    """One of two processes: process ``process`` of a 2-device run reads its device's
+    records of ``batches`` global batches through the prefetching feeder."""
+    import jax
+
+    from jcaffe.data.feed import PrefetchFeeder
+    from jcaffe.data.readers import ShardReader
+
+    layer = data_layer("lmdb", kind_source, root, batch, crop, workers)
+    shard = ShardReader(layer.make_reader(seed=0), 2, [process])
+    with PrefetchFeeder(shard) as feeder:
+        jax.block_until_ready(next(feeder))
+        t0 = time.perf_counter()
+        for _ in range(batches - 1):
+            jax.block_until_ready(next(feeder))
+        seconds = time.perf_counter() - t0
+    return {"process": process, "decoded": shard.records_read,
+            "consumed_global": batches * 2 * batch,
+            "records_per_s": (batches - 1) * batch / seconds}
+
+
+def two_processes(lmdb_path: str, root: str, batch: int, crop: int, workers: int,
+                  batches: int) -> list[dict]:
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child_shard",
+                               json.dumps([lmdb_path, root, batch, crop, workers, p, batches])],
+                              env=env, stdout=subprocess.PIPE, text=True) for p in range(2)]
+    out = []
+    for p in procs:
+        text, _ = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"a two-process child failed (exit {p.returncode})")
+        out.append(json.loads(text.strip().splitlines()[-1]))
+    return out
+
+
 def step_times(net_text: str, workers: int, steps: int) -> dict:
     """Seconds per train step (forward, backward, SGD update) fed by the real pipeline, and
     on one device-resident synthetic batch of the same shape."""
@@ -228,11 +271,18 @@ def main(argv=None) -> int:
     ap.add_argument("--net", default="", help="a train prototxt whose first data layer is "
                     "the one measured (its source is replaced by the benchmark's LMDB); "
                     "default: AlexNet's first stage")
-    ap.add_argument("--steps", type=int, default=5, help="timed train steps (5)")
+    ap.add_argument("--steps", type=int, default=3, help="timed train steps (3)")
     ap.add_argument("--no_step", action="store_true", help="skip the starvation check")
+    ap.add_argument("--no_processes", action="store_true", help="skip the two-process run")
+    ap.add_argument("--process_batches", type=int, default=8,
+                    help="global batches each of the two processes reads (8)")
+    ap.add_argument("--child_shard", default="", help=argparse.SUPPRESS)
     ap.add_argument("--data", default="", help="keep the generated data here (reused)")
     ap.add_argument("--json", default="", help="write the results to this file")
     args = ap.parse_args(argv)
+    if args.child_shard:
+        print(json.dumps(shard_child(*json.loads(args.child_shard))))
+        return 0
     workers = [int(w) for w in args.workers.split(",") if w] or list(range(1, cores + 1))
 
     root = args.data or tempfile.mkdtemp(prefix="jcaffe-input-")
@@ -262,6 +312,20 @@ def main(argv=None) -> int:
                 print(f"| {name} | {w} | {rate:.0f} | {rate / (w * single):.2f} |",
                       flush=True)
         result["pipeline"] = rows
+        if not args.no_processes:
+            half = max(1, cores // 2)
+            procs = two_processes(lmdb_path, root, args.batch, args.crop, half,
+                                  args.process_batches)
+            result["two_processes"] = procs
+            total = sum(p["decoded"] for p in procs)
+            for p in procs:
+                print(f"two processes ({half} workers each), process {p['process']}: decoded "
+                      f"{p['decoded']} of the {total} records both decoded "
+                      f"({p['decoded'] / total:.2f}; the run consumed {p['consumed_global']}, "
+                      f"the rest was read ahead), {p['records_per_s']:.0f} records/s",
+                      flush=True)
+            print(f"two processes together: "
+                  f"{sum(p['records_per_s'] for p in procs):.0f} records/s", flush=True)
         if not args.no_step:
             if args.net:
                 from jcaffe import prototxt
