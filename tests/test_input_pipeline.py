@@ -329,3 +329,65 @@ def test_two_processes_each_read_half_and_train_as_one(tmp_path):
     for layer in b:
         for x, y in zip(a[layer], b[layer]):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_shards_of_shuffled_and_window_streams_are_the_global_batch(sources, tmp_path):
+    """With shuffle and rand_skip (ImageData) and with WindowData's sampling, the two halves
+    read by two processes are the global batch of one reader, device r taking offsets
+    j ≡ r (mod 2)."""
+    windows = tmp_path / "windows.txt"
+    windows.write_text("".join(f"# {i}\n{sources}/png/{i}.png\n3\n9\n7\n2\n"
+                               f"1 0.9 0 0 5 6\n0 0.1 1 2 6 8\n" for i in range(6)))
+    layers = {
+        "images": lambda: layer_for("images", sources, 3, 2, "shuffle: true rand_skip: 7"),
+        "windows": lambda: make_layer(
+            f'type: "WindowData" name: "w" window_data_param {{ source: "{windows}" '
+            f'batch_size: 3 fg_threshold: 0.5 bg_threshold: 0.5 fg_fraction: 0.5 }} '
+            f'transform_param {{ crop_size: 5 mirror: true }}', [], "TRAIN",
+            tops=["data", "label"], config=CONFIG.replace(decode_workers=2)),
+    }
+    for name, make in layers.items():
+        with make().make_reader(seed=5) as whole:
+            stream = [whole.next_batch() for _ in range(8)]  # 4 global batches of 2 x 3
+        data = np.concatenate([b["data"] for b in stream])
+        halves = []
+        for r in range(2):
+            with ShardReader(make().make_reader(seed=5), 2, [r]) as shard:
+                halves.append(np.concatenate([shard.next_batch()["data"] for _ in range(4)]))
+        for k in range(4):
+            glob = data[6 * k:6 * k + 6]
+            for r in range(2):
+                np.testing.assert_array_equal(halves[r][3 * k:3 * k + 3], glob[r::2],
+                                              err_msg=name)
+
+
+def test_training_resumes_bit_exactly_across_worker_counts(tmp_path, monkeypatch, images):
+    """Host-fed training with random crops and mirrors: 6 iterations on 3 workers, and the
+    same run stopped at iteration 3 and resumed on 1 worker, end at the same bytes."""
+    from jcaffe.caffemodel import load_caffemodel
+    from jcaffe.cli import main
+
+    chw, labels = images
+    db = tmp_path / "db"
+    write_lmdb(str(db), png_datums(chw, labels % 3))
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET.format(db=db).replace(
+        "scale: 0.00390625", "scale: 0.00390625 crop_size: 5 mirror: true"))
+    monkeypatch.setenv("JCAFFE_DATA_ON_DEVICE", "0")
+    runs = {}
+    for name, snapshot in (("full", 0), ("cut", 3)):
+        solver = tmp_path / f"{name}.prototxt"
+        solver.write_text(SOLVER.format(net=net, prefix=tmp_path / name / "snap")
+                          .replace("max_iter: 4", f"max_iter: {6 if not snapshot else 3}")
+                          + f"snapshot: {snapshot}\n")
+        runs[name] = solver
+    assert main(["train", "--solver", str(runs["full"]), "--cpu", "--decode_workers", "3"]) == 0
+    assert main(["train", "--solver", str(runs["cut"]), "--cpu", "--decode_workers", "3"]) == 0
+    assert main(["train", "--solver", str(runs["cut"]), "--cpu", "--decode_workers", "1",
+                 "--iterations", "6",
+                 "--snapshot", str(tmp_path / "cut" / "snap_iter_3.solverstate")]) == 0
+    full = load_caffemodel(str(tmp_path / "full" / "snap_iter_6.caffemodel"))
+    resumed = load_caffemodel(str(tmp_path / "cut" / "snap_iter_6.caffemodel"))
+    for layer in full:
+        for x, y in zip(full[layer], resumed[layer]):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), layer
