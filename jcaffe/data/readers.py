@@ -77,7 +77,8 @@ class Reader(Protocol):
     feeder may read ahead: ``data_param.prefetch``), ``seed`` (the host seed in use), ``count``
     (records in one pass), ``shuffled`` (whether a pass is a permutation drawn on the host:
     such a source cannot be cut on the device), ``position`` (stream position of the next
-    batch), ``cursor`` (``position % count``), ``nbytes`` (the whole raw dataset's size).
+    batch), ``cursor`` (``position % count``), ``nbytes`` (the whole raw dataset's size),
+    ``workers`` (decode threads), ``records_read`` (records read so far, read-ahead included).
     """
 
     layer: Any
