@@ -391,3 +391,46 @@ def test_training_resumes_bit_exactly_across_worker_counts(tmp_path, monkeypatch
     for layer in full:
         for x, y in zip(full[layer], resumed[layer]):
             assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), layer
+
+
+def jpeg(array, mode="RGB", **save):
+    import io
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def test_jpegs_decode_as_pillow_decodes_them():
+    """OpenCV's JPEG path (colour, grey, native; every chroma subsampling, progressive, odd
+    sizes, grey files, CMYK left to Pillow) gives Pillow's pixels exactly; EXIF orientation is
+    not applied (as Caffe's OpenCV 2.4); a JPEG cut short is an error naming the image."""
+    from PIL import Image
+
+    from jcaffe.data.image import (_decode_jpeg_opencv, decode_image, decode_image_pillow,
+                                   jpeg_components)
+
+    pytest.importorskip("cv2")
+    rgb = RNG.normal(128, 50, (37, 53, 3)).clip(0, 255).astype(np.uint8)
+    files = {f"s{sub}p{int(prog)}": jpeg(rgb, subsampling=sub, progressive=prog)
+             for sub in (0, 1, 2) for prog in (False, True)}
+    files["grey"] = jpeg(rgb[:, :, 1], "L")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    files["exif"] = jpeg(rgb, exif=exif.tobytes())
+    cmyk = __import__("io").BytesIO()
+    Image.fromarray(rgb, "RGB").convert("CMYK").save(cmyk, "JPEG")
+    files["cmyk"] = cmyk.getvalue()
+    assert jpeg_components(files["s0p0"]) == 3 and jpeg_components(files["grey"]) == 1
+    assert jpeg_components(files["cmyk"]) == 4 and jpeg_components(b"\x89PNG....") is None
+    for name, data in files.items():
+        for color in (True, False, None):
+            got = decode_image(data, color, where=name)
+            # OpenCV decodes all but the CMYK file (the comparison is of two decoders).
+            assert (_decode_jpeg_opencv(data, color) is None) == (name == "cmyk"), name
+            want = decode_image_pillow(data, color, where=name)
+            assert got.shape == want.shape and got.shape[:2] == (37, 53), (name, color)
+            assert got.tobytes() == want.tobytes(), (name, color)
+    with pytest.raises(DataError, match="cut.jpg"):
+        decode_image(files["s2p0"][:len(files["s2p0"]) // 2], True, where="cut.jpg")

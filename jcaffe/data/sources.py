@@ -29,7 +29,7 @@ from typing import Iterable
 import numpy as np
 
 from jcaffe._atomic import atomic_dir
-from jcaffe.data.datum import datum_to_array
+from jcaffe.data.datum import datum_to_array, datum_to_view
 from jcaffe.data.source_base import METADATA_FILE, Source, detect_kind, replaceable
 from jcaffe.errors import DataError
 from jcaffe.proto import caffe_pb2
@@ -56,9 +56,10 @@ class _DatumSource(Source):
         self.dtype = arr.dtype.type
 
     def _decode(self, index: int, key: bytes, value: bytes) -> tuple[np.ndarray, int]:
-        """Record ``index`` (stored under ``key``) decoded and checked against record 0."""
+        """Record ``index`` (stored under ``key``) decoded and checked against record 0 (a view:
+        the caller copies it into its batch)."""
         where = self._where(index, key)
-        arr, label = datum_to_array(value, where, force_color=self._force_color)
+        arr, label = datum_to_view(value, where, force_color=self._force_color)
         if arr.shape != self.datum_shape:
             raise DataError(f"{where}: shape {tuple(arr.shape)} differs from record 0's "
                             f"{self.datum_shape}")
