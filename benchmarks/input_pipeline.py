@@ -10,7 +10,8 @@ JPEG images of ``--size``² pixels (smooth random scenes with noise, quality 95,
 with an ``ImageData`` list. Then, in one run:
 
 1. **decoder**: the chosen decoder's raw single-core rate (``jcaffe.data.image.decode_image``
-   on the JPEG bytes, one thread, nothing else);
+   on the JPEG bytes, one thread, nothing else: OpenCV's ``imdecode`` for these JPEGs), and
+   Pillow's for comparison;
 2. **Data (LMDB)** and **ImageData**: records/s of the whole host pipeline of a data layer
    (``crop_size``/``mirror``/mean values as AlexNet's; the prefetching feeder, read ahead,
    decoded on W workers, put on the device) for each worker count W (default 1, 2, ... the
@@ -117,10 +118,12 @@ def make_data(root: str, records: int, size: int) -> tuple[str, str, list[bytes]
 
 
 # -- measurements -------------------------------------------------------------------------------
-def decoder_rate(jpegs: list[bytes], seconds: float) -> float:
-    """Images/s of the decoder alone on one thread."""
-    from jcaffe.data.image import decode_image
+def decoder_rate(jpegs: list[bytes], seconds: float, pillow: bool = False) -> float:
+    """Images/s of the decoder alone on one thread (``decode_image``, or Pillow's path)."""
+    from jcaffe.data.image import decode_image, decode_image_pillow
 
+    if pillow:
+        decode_image = decode_image_pillow  # noqa: F811
     decode_image(jpegs[0], None)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -150,19 +153,29 @@ def data_layer(kind: str, source: str, root: str, batch: int, crop: int, workers
     return layer_class(lp)(lp, [], caffe_pb2.TRAIN, config=Config(decode_workers=workers))
 
 
-def pipeline_rate(layer, seconds: float) -> float:
-    """Records/s through the prefetching feeder (read, decode on the workers, device_put)."""
+def cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def pipeline_rate(layer, seconds: float) -> tuple[float, float]:
+    """Records/s through the prefetching feeder (read, decode on the workers, device_put),
+    and the process's CPU milliseconds per record meanwhile (a busy machine lowers the rate
+    but not this: equal figures across worker counts mean the threads cost no extra work)."""
     import jax
 
     from jcaffe.data.feed import PrefetchFeeder
 
     with PrefetchFeeder(layer.make_reader(seed=0)) as feeder:
         jax.block_until_ready(next(feeder))  # the pool and the first batch
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
         while time.perf_counter() - t0 < seconds or n < 2:
             jax.block_until_ready(next(feeder))
             n += 1
-        return n * layer.batch_size / (time.perf_counter() - t0)
+        records = n * layer.batch_size
+        return records / (time.perf_counter() - t0), (cpu_seconds() - c0) / records * 1e3
 
 
 def shard_child(kind_source: str, root: str, batch: int, crop: int, workers: int,
@@ -297,20 +310,23 @@ def main(argv=None) -> int:
                   "batch": args.batch, "crop": args.crop, "load_before": load_average(),
                   "threads_before": threading.active_count()}
         single = decoder_rate(jpegs, args.seconds)
+        pillow = decoder_rate(jpegs, args.seconds, pillow=True)
         result["decoder_single_core_per_s"] = single
-        print(f"decoder (Pillow, 1 thread): {single:.0f} images/s", flush=True)
+        result["pillow_single_core_per_s"] = pillow
+        print(f"decoder (decode_image, 1 thread): {single:.0f} images/s; Pillow alone: "
+              f"{pillow:.0f} images/s", flush=True)
         rows = []
-        print("| source | workers | records/s | / (W x decoder) |")
-        print("|---|---:|---:|---:|")
+        print("| source | workers | records/s | / (W x decoder) | CPU ms / record |")
+        print("|---|---:|---:|---:|---:|")
         for kind, source in (("lmdb", lmdb_path), ("images", list_path)):
             for w in workers:
-                rate = pipeline_rate(data_layer(kind, source, root, args.batch, args.crop, w),
-                                     args.seconds)
+                rate, cpu_ms = pipeline_rate(
+                    data_layer(kind, source, root, args.batch, args.crop, w), args.seconds)
                 rows.append({"source": kind, "workers": w, "records_per_s": rate,
-                             "ratio": rate / (w * single)})
+                             "ratio": rate / (w * single), "cpu_ms_per_record": cpu_ms})
                 name = "Data (LMDB, encoded)" if kind == "lmdb" else "ImageData (list)"
-                print(f"| {name} | {w} | {rate:.0f} | {rate / (w * single):.2f} |",
-                      flush=True)
+                print(f"| {name} | {w} | {rate:.0f} | {rate / (w * single):.2f} | "
+                      f"{cpu_ms:.2f} |", flush=True)
         result["pipeline"] = rows
         if not args.no_processes:
             half = max(1, cores // 2)

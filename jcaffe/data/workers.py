@@ -1,11 +1,12 @@
 """Parallel decoding on the host: worker threads behind every host-fed data layer.
 
-Why threads. What costs time on the host is decoding: JPEG / PNG decompression in Pillow
-(``jcaffe.data.image``), OpenCV-style resizes and window warps in numpy. Pillow releases the
-GIL around the decoder call itself (``ImagingSectionEnter`` in its ``decode.c`` wraps
-``decoder->decode`` for every decoder that does not pull from a file, JPEG and PNG included),
-and numpy releases it inside its array loops, so W threads decode about W images at a time;
-what stays under the GIL (parsing the Datum protobuf, a few Python calls per image) is a small
+Why threads. What costs time on the host is decoding (``jcaffe.data.image``): JPEGs in
+OpenCV's ``cv2.imdecode``, which releases the GIL for the whole call; other formats in Pillow,
+which releases it around the decoder call itself (``ImagingSectionEnter`` in its ``decode.c``
+wraps ``decoder->decode`` for every decoder that does not pull from a file, PNG included) but
+keeps it while parsing headers and packing pixels; OpenCV-style resizes and window warps in
+numpy, which releases it inside its array loops. So W threads decode about W images at a time;
+what stays under the GIL (parsing the Datum protobuf, a few Python calls per record) is a small
 part of each record (``benchmarks/input_pipeline.py`` measures the decoder's single-core rate
 and the rate against the worker count in the same run). Threads share the reader's open
 database and its file handles, need no copies between processes and no shared memory, and
