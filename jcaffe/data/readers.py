@@ -256,7 +256,7 @@ class BatchReader:
         return total
 
     def close(self) -> None:
-        self._ahead.cancel()
+        self._ahead.close()
 
     def __enter__(self):
         return self
@@ -376,7 +376,7 @@ class ShardReader:
         return self.reader.load_all()
 
     def close(self) -> None:
-        self._ahead.cancel()
+        self._ahead.close()
         self.reader.close()
 
     def __enter__(self):

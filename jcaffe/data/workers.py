@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from jcaffe.errors import DataError
@@ -123,42 +123,41 @@ class ReadAhead:
     ``start(key, fn)`` runs ``fn()`` in the background (after dropping any earlier one);
     ``take(key, fn)`` returns that value when ``key`` matches (re-raising its exception, so
     an error surfaces for the batch it belongs to), else drops it and returns ``fn()``.
-    ``cancel()`` waits for a running one and drops it."""
+    ``cancel()`` waits for a running one and drops it; ``close()`` also ends the thread. The
+    thread is made on first use and kept (one per reader), not made per batch."""
 
     def __init__(self):
         self._key = None
-        self._thread: threading.Thread | None = None
-        self._box: dict = {}
+        self._future: Future | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     def start(self, key, fn: Callable[[], object]) -> None:
         self.cancel()
-        box: dict = {}
-
-        def run() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as e:  # noqa: BLE001  (raised again by take)
-                box["error"] = e
-
-        self._key, self._box = key, box
-        self._thread = threading.Thread(target=run, name="jcaffe-read-ahead", daemon=True)
-        self._thread.start()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="jcaffe-read-ahead")
+        self._key, self._future = key, self._executor.submit(fn)
 
     def take(self, key, fn: Callable[[], object]):
-        if self._thread is not None and self._key == key:
-            self._thread.join()
-            box = self._box
-            self._thread, self._key, self._box = None, None, {}
-            if "error" in box:
-                raise box["error"]
-            return box["value"]
+        if self._future is not None and self._key == key:
+            future = self._future
+            self._future, self._key = None, None
+            return future.result()  # raises the batch's own error
         self.cancel()
         return fn()
 
     def cancel(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-        self._thread, self._key, self._box = None, None, {}
+        if self._future is not None:
+            try:
+                self._future.result()
+            except BaseException:  # noqa: BLE001  (the dropped batch's error is not ours)
+                pass
+        self._future, self._key = None, None
+
+    def close(self) -> None:
+        self.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
 __all__ = ["DecodePool", "ReadAhead", "available_cores", "resolve_workers", "PIECES_PER_WORKER"]
