@@ -51,7 +51,12 @@ class NetFeed:
         host_only = self.ranks > 1  # global batches are assembled on the host, then split
         self.local = list(range(self.ranks)) if local is None and self.ranks == 1 else \
             [int(r) for r in (local if local is not None else local_ranks(placement))]
-        self.sharded = len(self.local) < self.ranks
+        # Python data layers make whole batches in their own order: no share can be read
+        # alone, so a net with one reads every record (and keeps its devices' share).
+        self.sharded = len(self.local) < self.ranks and \
+            not any(layer.type == "Python" for layer in net.data_layers)
+        if not self.sharded:
+            self.local = list(range(self.ranks))
         # Host-side batches hold this many device blocks (all N, or this process's).
         self.host_blocks = len(self.local)
         shard = (lambda reader: ShardReader(reader, self.ranks, self.local)) \

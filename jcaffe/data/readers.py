@@ -146,7 +146,6 @@ class BatchReader:
         self.pool = DecodePool(workers)
         self.workers = self.pool.workers
         self.records_read = 0  # records read (and decoded) so far, load_all included
-        self._ahead = ReadAhead()
         self.tops = [t for t, _, _ in layer.input_specs()]
         self.specs = {t: (tuple(s[1:]), np.dtype(d)) for t, s, d in layer.input_specs()}
         self.batch_size = int(layer.batch_size)
@@ -254,6 +253,15 @@ class BatchReader:
         for shape, dtype in self.specs.values():
             total += self.count * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         return total
+
+    @property
+    def _ahead(self) -> ReadAhead:
+        # Made on first use: readers that keep their own stream (and skip this __init__,
+        # like Python data layers') have one too.
+        ahead = self.__dict__.get("_read_ahead_state")
+        if ahead is None:
+            ahead = self.__dict__["_read_ahead_state"] = ReadAhead()
+        return ahead
 
     def close(self) -> None:
         self._ahead.close()
