@@ -59,7 +59,8 @@ def install_signal_handlers(solver, sigint_effect: str, sighup_effect: str):
 def config_from_flags(args, environ=None) -> Config:
     """The execution config of a command: ``JCAFFE_*`` variables, then flags."""
     return Config.from_env(os.environ if environ is None else environ,
-                           precision=getattr(args, "precision", None) or None)
+                           precision=getattr(args, "precision", None) or None,
+                           decode_workers=getattr(args, "decode_workers", None))
 
 
 def train_main(args) -> int:
@@ -115,6 +116,8 @@ def add_train_flags(parser) -> None:
                         "comma-separated")
     parser.add_argument("--precision", default="", choices=["", "float32", "tf32", "bf16"],
                         help="matmul/convolution precision (default float32, Caffe's numbers)")
+    parser.add_argument("--decode_workers", type=int, default=None, metavar="N",
+                        help="threads decoding host-fed records (default: one per core)")
     parser.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
     parser.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
     parser.add_argument("--iters_per_call", type=int, default=100,

@@ -23,6 +23,9 @@ Fields (``"auto"`` picks what is fastest on ``platform``):
 * ``precision``: how every matmul and convolution of every layer multiplies (see below);
   ``"float32"`` (default, Caffe's numbers), ``"tf32"`` or ``"bf16"`` (opt-in speed on GPUs).
 * ``data_on_device``: ``True`` / ``False`` forces where datasets live; ``None`` decides by size.
+* ``decode_workers``: threads that decode and crop host-fed records (``jcaffe.data.workers``);
+  ``None`` or 0 is one per core available to the process, 1 decodes on the prefetch thread
+  alone. Batches are the same records, bit for bit, whatever the count.
 * ``im2col_max_elems``: the channels-first im2col materialises its whole column matrix;
   above this many elements auto uses XLA's convolution there.
 * ``chunk_cols_elems``: channels-last convolutions loop over batch pieces whose columns
@@ -76,7 +79,8 @@ PRECISIONS = ("float32", "tf32", "bf16")
 
 # Environment variables the CLI reads into a Config (field -> variable).
 ENV = {"layout": "JCAFFE_LAYOUT", "conv": "JCAFFE_CONV_IMPL", "pool": "JCAFFE_POOL_IMPL",
-       "precision": "JCAFFE_PRECISION", "data_on_device": "JCAFFE_DATA_ON_DEVICE"}
+       "precision": "JCAFFE_PRECISION", "data_on_device": "JCAFFE_DATA_ON_DEVICE",
+       "decode_workers": "JCAFFE_DECODE_WORKERS"}
 
 
 class ConfigError(JcaffeError):
@@ -93,6 +97,7 @@ class Config:
     pool: str = "auto"
     precision: str = "float32"
     data_on_device: bool | None = None
+    decode_workers: int | None = None
     im2col_max_elems: int = 4_000_000
     chunk_cols_elems: int = 1_000_000
     scan: bool | None = None
@@ -104,6 +109,11 @@ class Config:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: unknown value {self.precision!r} "
                               f"(known: {', '.join(PRECISIONS)})")
+        if self.decode_workers is not None and (isinstance(self.decode_workers, bool) or
+                                                not isinstance(self.decode_workers, int) or
+                                                self.decode_workers < 0):
+            raise ConfigError(f"decode_workers: expected an integer >= 0 (0: one per core), "
+                              f"got {self.decode_workers!r}")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -182,6 +192,8 @@ class Config:
                 continue
             if field == "data_on_device":
                 values[field] = _parse_bool(var, raw)
+            elif field == "decode_workers":
+                values[field] = _parse_count(var, raw)
             elif field in ("layout",):
                 values[field] = raw.upper() if raw.lower() != "auto" else "auto"
             else:
@@ -262,6 +274,16 @@ def _bf16_bilinear(op, lhs, rhs):
 def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value != "auto" and value not in choices:
         raise ConfigError(f"{name}: unknown value {value!r} (known: auto, {', '.join(choices)})")
+
+
+def _parse_count(name: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{name}: expected an integer >= 0 (0: one per core), got {raw!r}")
+    return value
 
 
 def _parse_bool(name: str, raw: str) -> bool | None:

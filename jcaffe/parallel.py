@@ -138,9 +138,16 @@ def put_replicated(tree, mesh: jax.sharding.Mesh):
 
 
 def put_sharded(tree, mesh: jax.sharding.Mesh, axis: int = 0):
-    """Host arrays (the global batch) split along ``axis`` over the mesh's data axis."""
+    """Host arrays (the global batch) split along ``axis`` over the mesh's data axis; arrays
+    already split that way (each process's share, ``jcaffe.data.netfeed``) pass as they are."""
     sharding = batch_sharded(mesh, axis)
-    return jax.tree.map(lambda x: put_global(np.asarray(x), sharding), tree)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        return put_global(np.asarray(x), sharding)
+
+    return jax.tree.map(put, tree)
 
 
 def root_view(tree):

@@ -161,7 +161,7 @@ class Solver(SolverInit):
             batch = self._programs.batch_at(parallel.root_view(feed.arrays), jnp.int32(b))
             return {k: np.asarray(v) for k, v in jax.device_get(batch).items()}
         # The root device's share of the global batch (block 0).
-        return {k: np.asarray(v)[: np.asarray(v).shape[0] // self.ranks]
+        return {k: np.asarray(v)[: np.asarray(v).shape[0] // feed.host_blocks]
                 for k, v in feed.host_batch(b).items()}
 
     # -- data and programs -------------------------------------------------------------------

@@ -389,6 +389,26 @@ class TensorstoreSource(Source):
                 raise DataError(self._read_failure(name, store, start, n, e)) from None
         return out[0], out[1].astype(np.int32, copy=False)
 
+    def read_records(self, records, pool=None):
+        """Records ``records`` (any indices, in the order given) in one index-array read of
+        each array: only those records are read out (whole chunks are still decompressed, as
+        for any read). Nothing to decode here, so ``pool`` is unused."""
+        records = np.asarray(records, dtype=np.int64).reshape(-1)
+        if len(records) == 0:
+            return (np.empty((0, *self.datum_shape), self.dtype), np.empty((0,), np.int32))
+        lo, hi = int(records.min()), int(records.max())
+        self._check_range(lo, hi - lo + 1)
+        start, n = lo, hi - lo + 1
+        pending = [(name, store, store[records].read())
+                   for name, store in (("data", self._data), ("label", self._label))]
+        out = []
+        for name, store, future in pending:
+            try:
+                out.append(np.asarray(future.result()))
+            except ValueError as e:
+                raise DataError(self._read_failure(name, store, start, n, e)) from None
+        return out[0], out[1].astype(np.int32, copy=False)
+
     def verify(self) -> None:
         """Recomputes the content checksums; raises ``DataError`` on a mismatch."""
         want = self.metadata.get("checksum") or {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from jcaffe.data.image import decode_image, hwc_to_chw
+from jcaffe.data.image import decode_image
 from jcaffe.errors import DataError
 from jcaffe.proto import caffe_pb2
 
@@ -33,6 +33,14 @@ def datum_to_array(datum: caffe_pb2.Datum | bytes, where: str, *,
     ``float_data``. ``force_color`` decodes encoded images as colour (Caffe's ``force_color``;
     raw records are returned as stored). Raises ``DataError`` naming ``where`` when the record is
     inconsistent."""
+    arr, label = datum_to_view(datum, where, force_color=force_color)
+    return np.ascontiguousarray(arr), label
+
+
+def datum_to_view(datum: caffe_pb2.Datum | bytes, where: str, *,
+                  force_color: bool = False) -> tuple[np.ndarray, int]:
+    """``datum_to_array`` without its final copy: a decoded image comes back as a ``[C, H, W]``
+    view of the decoder's ``[H, W, C]`` array (copy it once, where it is to be stored)."""
     if isinstance(datum, (bytes, bytearray, memoryview)):
         datum = parse_datum(bytes(datum), where)
     label = int(datum.label)
@@ -45,7 +53,7 @@ def datum_to_array(datum: caffe_pb2.Datum | bytes, where: str, *,
             color = False
         else:
             color = None
-        return hwc_to_chw(decode_image(datum.data, color, where=where)), label
+        return np.transpose(decode_image(datum.data, color, where=where), (2, 0, 1)), label
     c, h, w = int(datum.channels), int(datum.height), int(datum.width)
     if c <= 0 or h <= 0 or w <= 0:
         raise DataError(f"{where}: Datum has shape channels={c} height={h} width={w}; "
@@ -91,4 +99,4 @@ def encoded_datum(image_bytes: bytes, label: int, shape: tuple[int, int, int] | 
     return datum
 
 
-__all__ = ["parse_datum", "datum_to_array", "array_to_datum", "encoded_datum"]
+__all__ = ["parse_datum", "datum_to_array", "datum_to_view", "array_to_datum", "encoded_datum"]

@@ -310,13 +310,14 @@ def fits_on_device(nbytes: int, device: Any = None) -> bool:
 
 def choose_feeder(source, *, on_device: bool | None = None, device: Any = None,
                   prefetch: int | None = None, seed: int | None = None,
-                  to_device: bool = True):
+                  to_device: bool = True, wrap=None):
     """A ``DeviceResident`` or a ``PrefetchFeeder`` for a data layer (or reader).
 
     ``on_device``: True / False forces the choice; None decides automatically:
     device-resident when the source is unshuffled and ``fits_on_device``. Forcing a shuffled
     source onto the device is an error. ``device`` may be a sharding (replicated on a mesh).
-    ``to_device=False``: a prefetching feeder yields host arrays.
+    ``to_device=False``: a prefetching feeder yields host arrays. ``wrap``: applied to the
+    reader of a prefetching feeder (one process's share: ``readers.ShardReader``).
     """
     reader, owns = _as_reader(source, seed)
     try:
@@ -331,7 +332,8 @@ def choose_feeder(source, *, on_device: bool | None = None, device: Any = None,
             return DeviceResident(reader, device)
         _log.info("layer '%s': prefetching %s batches from the host", name,
                   prefetch if prefetch is not None else getattr(reader, "prefetch", 4))
-        feeder = PrefetchFeeder(reader, prefetch, device, to_device=to_device)
+        feeder = PrefetchFeeder(reader if wrap is None else wrap(reader), prefetch, device,
+                                to_device=to_device)
         feeder._owns_reader = owns
         owns = False
         return feeder

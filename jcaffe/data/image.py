@@ -13,7 +13,13 @@ Caffe reads images with OpenCV, so jcaffe follows OpenCV's conventions:
 * Resizing is OpenCV's ``INTER_LINEAR`` (half-pixel centres, clamped borders, 11-bit fixed-point
   weights, no antialiasing), with OpenCV's switch to area averaging for an exact 2x reduction.
 
-Lossy decoders (JPEG) may differ in the last bit between libjpeg builds; PNG/BMP/PPM decode exactly.
+JPEG files with 1 or 3 components are decoded by OpenCV itself (``cv2.imdecode`` with
+``IMREAD_IGNORE_ORIENTATION``: Caffe's decoder, one call that releases the GIL for the whole
+decode, about twice Pillow's rate on one core), when opencv-python-headless is installed;
+everything else (and any JPEG OpenCV refuses, or one without its end marker) goes through
+Pillow, which gives the same pixels for those JPEGs (both use libjpeg-turbo's default
+integer DCT and upsampling). Lossy decoders (JPEG) may differ in the last bit between libjpeg
+builds; PNG/BMP/PPM decode exactly.
 EXIF orientation is not applied (Caffe's OpenCV 2.4 did not). Images must have 8-bit samples.
 Arrays are ``uint8`` ``[H, W, C]`` (channel-last, as OpenCV's ``Mat``); ``hwc_to_chw`` converts.
 """
@@ -21,6 +27,7 @@ Arrays are ``uint8`` ``[H, W, C]`` (channel-last, as OpenCV's ``Mat``); ``hwc_to
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
@@ -61,12 +68,78 @@ def _gray_from_rgb(rgb: np.ndarray, fmt: str | None) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame n
+_CV2: Any = None
+
+
+def _opencv():
+    """The ``cv2`` module, or None when opencv-python-headless is not installed."""
+    global _CV2
+    if _CV2 is None:
+        try:
+            import cv2
+        except ImportError:
+            cv2 = False
+        _CV2 = cv2
+    return _CV2 or None
+
+
+def jpeg_components(data: bytes) -> int | None:
+    """The number of colour components of a JPEG's frame (its SOFn marker): 1 grey, 3 colour,
+    4 CMYK / YCCK; None when ``data`` is not a JPEG or has no frame header."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF_MARKERS:
+            return data[i + 9] if i + 10 <= n else None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _decode_jpeg_opencv(data: bytes, color: bool | None) -> np.ndarray | None:
+    """OpenCV's decode of a 1- or 3-component JPEG (None: leave it to Pillow)."""
+    cv2 = _opencv()
+    if cv2 is None:
+        return None
+    comps = jpeg_components(data)
+    if comps not in (1, 3) or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None  # CMYK, or truncated (OpenCV would fill the rest): Pillow decides
+    if color is None:
+        color = comps == 3
+    flag = cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE
+    out = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    if out is None or out.dtype != np.uint8:
+        return None
+    return out if out.ndim == 3 else out[:, :, None]
+
+
 def decode_image(data: bytes, color: bool | None = True, *, where: str = "image") -> np.ndarray:
     """Decodes image bytes into ``uint8 [H, W, C]`` in OpenCV's channel order (see the module doc).
 
     ``color``: True = 3-channel BGR, False = 1-channel grey, None = native (1, 3 or 4 channels).
     ``where`` names the image in errors (file, record, key). Raises ``DataError``.
     """
+    if data[:2] == b"\xff\xd8":
+        out = _decode_jpeg_opencv(data, color)
+        if out is not None:
+            return out
+    return decode_image_pillow(data, color, where=where)
+
+
+def decode_image_pillow(data: bytes, color: bool | None = True, *,
+                        where: str = "image") -> np.ndarray:
+    """``decode_image`` by Pillow alone (every format; the reference for OpenCV's JPEGs)."""
     img = _open(data, where)
     fmt = img.format
     try:
@@ -101,8 +174,12 @@ def decode_image(data: bytes, color: bool | None = True, *, where: str = "image"
         if mode in ("LA", "RGBA"):
             rgba = np.asarray(img.convert("RGBA"), dtype=np.uint8)
             return rgba[:, :, [2, 1, 0, 3]].copy()
-    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return rgb[:, :, ::-1].copy()
+    if mode != "RGB":
+        img = img.convert("RGB")
+    # Pillow packs the pixels as BGR itself (one pass in C, far cheaper than numpy's copy of
+    # a channel-reversed view); the contiguous copy makes the array writable.
+    width, height = img.size
+    return np.frombuffer(img.tobytes("raw", "BGR"), np.uint8).reshape(height, width, 3).copy()
 
 
 def native_channels(data: bytes, *, where: str = "image") -> int:
@@ -210,5 +287,5 @@ def pil_format_for(ext: str) -> str | None:
     return _PIL_FORMATS.get(ext.lower().lstrip("."))
 
 
-__all__ = ["decode_image", "native_channels", "read_image_file", "encode_image", "resize_linear",
+__all__ = ["decode_image", "decode_image_pillow", "jpeg_components", "native_channels", "read_image_file", "encode_image", "resize_linear",
            "hwc_to_chw", "pil_format_for"]

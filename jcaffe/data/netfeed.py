@@ -12,6 +12,11 @@ Both placements give identical batches:
   stacks the global batches of ``n`` iterations (each split over the devices, device r's
   records in block r) for one scanned dispatch.
 
+In a run over several processes each process reads only its own devices' records
+(``jcaffe.data.readers.ShardReader``): the host-fed path reads ``len(L)·B`` of the N·B records
+of a global batch (L: the mesh ranks of the process's devices), and ``chunk`` returns global
+arrays whose pieces on this process's devices come from those records.
+
 A resumed run finds its place from the iteration alone: iteration ``i`` reads batches
 ``i·iter_size + s`` (``batch_index``), and batch ``b`` starts at stream position
 ``start + b·N·B`` (``batch_position``) on both placements: the cursor arithmetic lives here.
@@ -52,18 +57,35 @@ class NetFeed:
 
     ``placement``: a ``jax.Device`` (one device) or a replicated sharding over a mesh;
     ``on_device``: True / False / None (decide by size, ``Config.data_on_device``);
-    ``seeds``: one int per data layer (shuffled readers draw their order from it)."""
+    ``seeds``: one int per data layer (shuffled readers draw their order from it).
+    ``local``: the mesh ranks whose records this process reads (default: those of its own
+    devices); fewer than ``ranks`` makes the host-fed path read only those."""
 
-    def __init__(self, net, placement: Any, on_device: bool | None, seeds, *, ranks: int = 1):
+    def __init__(self, net, placement: Any, on_device: bool | None, seeds, *, ranks: int = 1,
+                 local=None):
         from jcaffe.data import feed as feed_mod
+        from jcaffe.data.readers import ShardReader
 
         self.ranks = int(ranks)
         self._placement = placement
         host_only = self.ranks > 1  # global batches are assembled on the host, then split
+        self.local = list(range(self.ranks)) if local is None and self.ranks == 1 else \
+            [int(r) for r in (local if local is not None else local_ranks(placement))]
+        # Python data layers make whole batches in their own order: no share can be read
+        # alone, so a net with one reads every record (and keeps its devices' share).
+        self.sharded = len(self.local) < self.ranks and \
+            not any(layer.type == "Python" for layer in net.data_layers)
+        if not self.sharded:
+            self.local = list(range(self.ranks))
+        # Host-side batches hold this many device blocks (all N, or this process's).
+        self.host_blocks = len(self.local)
+        shard = (lambda reader: ShardReader(reader, self.ranks, self.local)) \
+            if self.sharded else None
 
         def make(choice):
             return [feed_mod.choose_feeder(layer, on_device=choice, device=placement,
-                                           seed=int(seed), to_device=not host_only)
+                                           seed=int(seed), to_device=not host_only,
+                                           wrap=shard)
                     for layer, seed in zip(net.data_layers, seeds)]
 
         self.feeders = make(on_device)
@@ -76,6 +98,7 @@ class NetFeed:
             self.feeders = make(False)
         self.arrays = [f.arrays for f in self.feeders] if self.on_device else None
         self._start = [f.cursor0 if self.on_device else f.position for f in self.feeders]
+        self._mesh = getattr(placement, "mesh", None)
         self._next = [0] * len(self.feeders)
         self._label_rules = label_rules(net)
         self.layers = list(net.data_layers)
@@ -107,7 +130,10 @@ class NetFeed:
         return batch
 
     def host_batch(self, batch_index: int) -> dict:
-        """The global batch ``batch_index``: N·B records per layer (device r's in block r)."""
+        """The global batch ``batch_index``: N·B records per layer (device r's in block r);
+        when sharded, this process's blocks only (device ``local[i]``'s in block i)."""
+        if self.sharded:
+            return self._local_batch(batch_index)
         out = {}
         for i, (f, start) in enumerate(zip(self.feeders, self._start)):
             b = f.reader.batch_size
@@ -128,14 +154,50 @@ class NetFeed:
                 out[top] = x
         return out
 
+    def _local_batch(self, batch_index: int) -> dict:
+        out = {}
+        for i, (f, start) in enumerate(zip(self.feeders, self._start)):
+            # The global batch's start (f.reader, a ShardReader, counts all N·B records).
+            first = batch_position(start, batch_index, f.reader.batch_size)
+            part = self._read(i, first)
+            for top, x in part.items():
+                if top in self._label_rules:
+                    check_labels(np.asarray(x), first, self._label_rules[top], f.reader.layer,
+                                 count=f.reader.count, positions=f.reader.positions(first))
+                out[top] = x
+        return out
+
     def chunk(self, it: int, n: int, iter_size: int):
         """The batches of ``n`` iterations from iteration ``it``: arrays
-        ``[n, (iter_size,) N·B, ...]``, host arrays when N > 1 (the caller splits them)."""
+        ``[n, (iter_size,) N·B, ...]``, host arrays when N > 1 (the caller splits them);
+        when sharded, global arrays split over the mesh, each process filling its devices'
+        pieces from the records it read."""
         its = []
         for j in range(n):
             subs = [self.host_batch(batch_index(it + j, s, iter_size)) for s in range(iter_size)]
             its.append(subs[0] if iter_size == 1 else _stack(subs))
-        return _stack(its)
+        out = _stack(its)
+        if self.sharded:
+            axis = 2 if iter_size > 1 else 1
+            out = {k: self._global(v, axis) for k, v in out.items()}
+        return out
+
+    def _global(self, x: np.ndarray, axis: int) -> jax.Array:
+        """This process's device blocks ``x`` (along ``axis``) as the global array of all N
+        devices' blocks, split over the mesh's data axis."""
+        b = x.shape[axis] // len(self.local)
+        shape = x.shape[:axis] + (self.ranks * b,) + x.shape[axis + 1:]
+        block = {r: i for i, r in enumerate(self.local)}
+
+        def piece(index):
+            start = index[axis].start or 0
+            i = block[start // b]
+            index = list(index)
+            index[axis] = slice(i * b, (i + 1) * b)
+            return x[tuple(index)]
+
+        return jax.make_array_from_callback(shape, parallel.batch_sharded(self._mesh, axis),
+                                            piece)
 
     def close(self):
         for f in self.feeders:
@@ -168,9 +230,20 @@ def label_rules(net) -> dict[str, tuple[str, int, int | None]]:
     return rules
 
 
-def check_labels(labels: np.ndarray, first_position: int, rule, data_layer, count=None) -> None:
+def local_ranks(placement: Any) -> list[int]:
+    """The mesh ranks of this process's devices (all of them for a single device)."""
+    mesh = getattr(placement, "mesh", None)
+    if mesh is None:
+        return [0]
+    me = jax.process_index()
+    return [r for r, d in enumerate(mesh.devices.flat) if d.process_index == me]
+
+
+def check_labels(labels: np.ndarray, first_position: int, rule, data_layer, count=None,
+                 positions=None) -> None:
     """A label outside [0, classes) would silently index out of range inside the program
-    (Caffe aborts there): fail on the host, naming the dataset record."""
+    (Caffe aborts there): fail on the host, naming the dataset record. ``positions``: the
+    stream positions of ``labels`` when they are not consecutive from ``first_position``."""
     name, classes, ignore = rule
     lab = labels.reshape(-1).astype(np.int64)
     bad = (lab < 0) | (lab >= classes)
@@ -178,7 +251,7 @@ def check_labels(labels: np.ndarray, first_position: int, rule, data_layer, coun
         bad &= lab != ignore
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
-        record = first_position + j
+        record = first_position + j if positions is None else int(positions[j])
         if count:
             record %= count
         source = data_layer.param.data_param.source or data_layer.name

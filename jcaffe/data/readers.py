@@ -27,6 +27,16 @@ Readers and what they read:
 * :class:`HDF5Reader` (HDF5Data): :class:`HDF5Files` (Caffe's list of ``.h5`` files).
 * :class:`MemoryReader` (MemoryData): an :class:`ArrayStore` filled by ``set_input_arrays``.
 * ``jcaffe.data.windows.WindowReader`` (WindowData): R-CNN windows cropped on the host.
+
+Decoding runs on worker threads (``jcaffe.data.workers``): ``workers`` (default: the layer's
+``config.decode_workers``, else one per core) threads decode the records of a batch, each into
+its own slot, so a batch is the same records, bit for bit, whatever the worker count. Readers
+count the records they read (``records_read``).
+
+One process's share (:class:`ShardReader`): in a run over N devices, the global batch at
+stream position ``q`` is the N·B records ``q .. q + N·B - 1`` and device ``r`` takes those at
+offsets ``r, r + N, r + 2N, ...`` (Caffe's rule). A process owning devices ``L`` reads only
+those devices' records, ``len(L)·B`` of every N·B.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import numpy as np
 
 from jcaffe import log
 from jcaffe.data.image import hwc_to_chw, read_image_file, resize_linear
+from jcaffe.data.workers import DecodePool, ReadAhead
 from jcaffe.errors import DataError, LayerError
 
 _log = log.get_logger("data")
@@ -66,7 +77,8 @@ class Reader(Protocol):
     feeder may read ahead: ``data_param.prefetch``), ``seed`` (the host seed in use), ``count``
     (records in one pass), ``shuffled`` (whether a pass is a permutation drawn on the host:
     such a source cannot be cut on the device), ``position`` (stream position of the next
-    batch), ``cursor`` (``position % count``), ``nbytes`` (the whole raw dataset's size).
+    batch), ``cursor`` (``position % count``), ``nbytes`` (the whole raw dataset's size),
+    ``workers`` (decode threads), ``records_read`` (records read so far, read-ahead included).
     """
 
     layer: Any
@@ -123,9 +135,17 @@ class BatchReader:
     """
 
     shuffled: bool = False
+    # Whether next_batch decodes the following batch ahead (with more than one worker).
+    read_ahead: bool = True
 
-    def __init__(self, layer: ReaderOwner, seed: int | None, count: int):
+    def __init__(self, layer: ReaderOwner, seed: int | None, count: int,
+                 workers: int | None = None):
         self.layer = layer
+        if workers is None:
+            workers = getattr(getattr(layer, "config", None), "decode_workers", None)
+        self.pool = DecodePool(workers)
+        self.workers = self.pool.workers
+        self.records_read = 0  # records read (and decoded) so far, load_all included
         self.tops = [t for t, _, _ in layer.input_specs()]
         self.specs = {t: (tuple(s[1:]), np.dtype(d)) for t, s, d in layer.input_specs()}
         self.batch_size = int(layer.batch_size)
@@ -158,19 +178,32 @@ class BatchReader:
         position = int(position)
         if position < 0:
             raise DataError(f"layer '{self.layer.name}': cannot seek to position {position}")
+        self._ahead.cancel()
         self._position = position
 
     def next_batch(self) -> dict[str, np.ndarray]:
         self._check_nonempty()
-        out = self.batch_at(self._position)
-        self._position += self.batch_size
+        here = self._position
+        out = self._ahead.take(here, lambda: self.batch_at(here))
+        self._position = here + self.batch_size
+        if self.read_ahead and self.workers > 1:
+            after = self._position
+            self._ahead.start(after, lambda: self.batch_at(after))
         return out
 
     def batch_at(self, position: int) -> dict[str, np.ndarray]:
         """The raw batch whose first record is at stream ``position`` (does not move)."""
+        return self.read_positions(np.arange(position, position + self.batch_size,
+                                             dtype=np.int64))
+
+    def read_positions(self, positions) -> dict[str, np.ndarray]:
+        """The raw records at stream ``positions`` (any, in the order given): one batch, one
+        process's share of a global batch (``ShardReader``)."""
         self._check_nonempty()
-        positions = np.arange(position, position + self.batch_size, dtype=np.int64)
-        return self._gather(self._records(positions))
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        out = self._gather(self._records(positions))
+        self.records_read += len(positions)
+        return out
 
     def _check_nonempty(self) -> None:
         if self.count <= 0:
@@ -208,8 +241,10 @@ class BatchReader:
     def load_all(self) -> dict[str, np.ndarray]:
         """Every record, raw, in the source's order (record 0 first)."""
         self._check_nonempty()
-        return {t: self._cast(t, a) for t, a in self._read(0, self.count).items()
-                if t in self.specs}
+        out = {t: self._cast(t, a) for t, a in self._read(0, self.count).items()
+               if t in self.specs}
+        self.records_read += self.count
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -219,8 +254,17 @@ class BatchReader:
             total += self.count * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         return total
 
+    @property
+    def _ahead(self) -> ReadAhead:
+        # Made on first use: readers that keep their own stream (and skip this __init__,
+        # like Python data layers') have one too.
+        ahead = self.__dict__.get("_read_ahead_state")
+        if ahead is None:
+            ahead = self.__dict__["_read_ahead_state"] = ReadAhead()
+        return ahead
+
     def close(self) -> None:
-        pass
+        self._ahead.close()
 
     def __enter__(self):
         return self
@@ -237,10 +281,10 @@ class BatchReader:
 class PermutedReader(BatchReader):
     """A reader whose pass ``e`` visits records in a permutation drawn from ``(seed, e)``."""
 
-    def __init__(self, layer, seed, count, shuffle: bool):
+    def __init__(self, layer, seed, count, shuffle: bool, workers: int | None = None):
         self.shuffled = bool(shuffle)
         self._perms: dict[int, np.ndarray] = {}
-        super().__init__(layer, seed, count)
+        super().__init__(layer, seed, count, workers)
 
     def permutation(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
@@ -258,6 +302,97 @@ class PermutedReader(BatchReader):
         for k, p in enumerate(positions):
             out[k] = self.permutation(int(p // self.count))[int(p % self.count)]
         return out
+
+
+class ShardReader:
+    """One process's share of a data layer's global batches over ``ranks`` devices.
+
+    Wraps ``reader`` (batch B). Global batch ``k`` starts at stream position ``q = start +
+    k·N·B`` (N = ``ranks``) and holds positions ``q .. q + N·B - 1``; device ``r`` takes those
+    at offsets ``r, r + N, ..., r + (B-1)·N`` (Caffe's rule: record ``j`` of the global batch
+    goes to device ``j mod N``). ``next_batch`` reads only the devices in ``local`` (mesh
+    ranks, in the order given) and returns their blocks one after the other, ``len(local)·B``
+    records, device ``local[i]``'s in block ``i``. ``position`` / ``seek`` / ``batch_size``
+    are in the global stream (``batch_size`` = N·B), so a resumed run finds its place as an
+    unsharded one does. Shuffled readers and WindowData work the same way: positions are
+    mapped to records by the wrapped reader.
+    """
+
+    def __init__(self, reader, ranks: int, local):
+        self.reader = reader
+        self.ranks = int(ranks)
+        self.local = [int(r) for r in local]
+        if not self.local or any(not 0 <= r < self.ranks for r in self.local) \
+                or len(set(self.local)) != len(self.local):
+            raise ValueError(f"local ranks {self.local} must be distinct ranks of "
+                             f"0..{self.ranks - 1}")
+        self.layer = reader.layer
+        self.tops = reader.tops
+        self.prefetch = reader.prefetch
+        self.seed = reader.seed
+        self.shuffled = reader.shuffled
+        self.device_batch = int(reader.batch_size)
+        self.batch_size = self.ranks * self.device_batch
+        self._position = reader.position
+        self._ahead = ReadAhead()
+        self._read_ahead = getattr(reader, "read_ahead", False) and reader.workers > 1
+
+    @property
+    def count(self) -> int:
+        return self.reader.count
+
+    @property
+    def records_read(self) -> int:
+        return self.reader.records_read
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def cursor(self) -> int:
+        return self._position % self.count if self.count else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.reader.nbytes
+
+    def positions(self, first: int) -> np.ndarray:
+        """The stream positions this process reads of the global batch at ``first``, in
+        block order: ``first + r + N·i`` for ``r`` in ``local``, ``i < B``."""
+        steps = np.arange(self.device_batch, dtype=np.int64) * self.ranks
+        return np.concatenate([int(first) + r + steps for r in self.local])
+
+    def batch_at(self, position: int) -> dict[str, np.ndarray]:
+        return self.reader.read_positions(self.positions(position))
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        here = self._position
+        out = self._ahead.take(here, lambda: self.batch_at(here))
+        self._position = here + self.batch_size
+        if self._read_ahead:
+            after = self._position
+            self._ahead.start(after, lambda: self.batch_at(after))
+        return out
+
+    def seek(self, position: int) -> None:
+        self._ahead.cancel()
+        self.reader.seek(position)
+        self._position = int(position)
+
+    def load_all(self):
+        return self.reader.load_all()
+
+    def close(self) -> None:
+        self._ahead.close()
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,21 +414,29 @@ class SourceReader(BatchReader):
     """Data: records of an LMDB / LevelDB / jcaffe dataset (``jcaffe.data.sources``).
 
     ``convert`` is applied to each decoded data batch (force_color / force_gray on the host).
+    The stored values of a batch are fetched in one pass, then decoded on the workers.
     """
 
     def __init__(self, layer: ReaderOwner, seed: int | None, path: str,
                  backend_hint: int | None = None, *, force_color: bool = False,
-                 convert: Callable[[np.ndarray], np.ndarray] | None = None):
+                 convert: Callable[[np.ndarray], np.ndarray] | None = None,
+                 workers: int | None = None):
         self.source = open_layer_source(layer, path, backend_hint, force_color)
         self._convert = convert
         try:
-            super().__init__(layer, seed, self.source.count)
+            super().__init__(layer, seed, self.source.count, workers)
         except BaseException:
             self.source.close()
             raise
 
+    def _gather(self, records):
+        return {t: self._cast(t, a) for t, a in self._decoded(records).items()}
+
     def _read(self, start, n):
-        data, labels = self.source.read(start, n)
+        return self._decoded(np.arange(start, start + n, dtype=np.int64))
+
+    def _decoded(self, records):
+        data, labels = self.source.read_records(records, self.pool)
         data = np.asarray(data)
         out = {self.tops[0]: data if self._convert is None else self._convert(data)}
         if len(self.tops) > 1:
@@ -301,6 +444,7 @@ class SourceReader(BatchReader):
         return out
 
     def close(self):
+        super().close()
         if self.source is not None:
             self.source.close()
             self.source = None
@@ -389,17 +533,23 @@ class ImageList:
 class ImageReader(PermutedReader):
     """ImageData: the images of an :class:`ImageList` with their labels."""
 
-    def __init__(self, layer: ReaderOwner, seed, images: ImageList, shuffle: bool = False):
+    def __init__(self, layer: ReaderOwner, seed, images: ImageList, shuffle: bool = False,
+                 workers: int | None = None):
         self.images = images
-        super().__init__(layer, seed, len(images), shuffle)
+        super().__init__(layer, seed, len(images), shuffle, workers)
 
     def _read(self, start, n):
         return self._gather(np.arange(start, start + n, dtype=np.int64))
 
     def _gather(self, records):
-        # Images are decoded one by one anyway: no need to look for runs.
-        data = np.stack([self.images.load(int(i)) for i in records])
+        # Each image is read and decoded on a worker, into its own slot.
+        data = np.empty((len(records),) + tuple(self.images.image_shape), np.uint8)
         labels = np.asarray([self.images.label(int(i)) for i in records], np.int32)
+
+        def one(k: int) -> None:
+            data[k] = self.images.load(int(records[k]))
+
+        self.pool.run(one, len(records))
         return {self.tops[0]: self._cast(self.tops[0], data),
                 self.tops[1]: self._cast(self.tops[1], labels)}
 
@@ -503,14 +653,20 @@ class HDF5Reader(BatchReader):
     reshuffles the files each pass and the rows each time a file is loaded).
     """
 
-    def __init__(self, layer: ReaderOwner, seed, h5: HDF5Files, shuffle: bool = False):
+    read_ahead = False
+
+    def __init__(self, layer: ReaderOwner, seed, h5: HDF5Files, shuffle: bool = False,
+                 workers: int | None = None):
         self.shuffled = bool(shuffle)
         self.h5 = h5
         self.files = h5.files  # [(path, rows)]
         self.offsets = np.cumsum([0] + [r for _, r in self.files])
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._orders: dict[tuple, Any] = {}
-        super().__init__(layer, seed, int(self.offsets[-1]))
+        # Rows are copied out of whole files already in memory: nothing to decode, and h5py
+        # serialises its calls under one lock, so the workers would not help here
+        # (read_ahead is off).
+        super().__init__(layer, seed, int(self.offsets[-1]), workers)
 
     def _file(self, f: int) -> dict[str, np.ndarray]:
         arrays = self._cache.get(f)
@@ -570,6 +726,7 @@ class HDF5Reader(BatchReader):
 
     def load_all(self):
         files = [self.h5.load(p) for p, _ in self.files]
+        self.records_read += self.count
         return {t: self._cast(t, np.concatenate([a[t] for a in files], axis=0)) for t in self.tops}
 
 
@@ -622,7 +779,10 @@ class MemoryReader(BatchReader):
     """MemoryData: the arrays last given to ``set_input_arrays`` (Caffe's Reset).
 
     A new ``set_input_arrays`` restarts the stream at 0, as Caffe's Reset sets ``pos_ = 0``.
+    Nothing is read ahead: new arrays may arrive between two batches.
     """
+
+    read_ahead = False
 
     def __init__(self, layer: ReaderOwner, seed, store: ArrayStore):
         self.store = store
@@ -654,6 +814,6 @@ class MemoryReader(BatchReader):
         return {self.tops[0]: data[start:start + n], self.tops[1]: labels[start:start + n]}
 
 
-__all__ = ["Reader", "ReaderOwner", "BatchReader", "PermutedReader", "SourceReader",
+__all__ = ["Reader", "ReaderOwner", "BatchReader", "PermutedReader", "ShardReader", "SourceReader",
            "ImageReader", "ImageList", "HDF5Reader", "HDF5Files", "MemoryReader", "ArrayStore",
            "read_image_list", "read_hdf5_list", "root_path", "open_layer_source", "fresh_seed"]

@@ -58,6 +58,24 @@ class Source:
         with self._lock:
             return self._read(start, n)
 
+    def read_records(self, records, pool=None) -> tuple[np.ndarray, np.ndarray]:
+        """Records ``records`` (any indices, in the order given), as ``read`` gives them.
+
+        This default reads each run of consecutive records with ``read`` (``pool`` unused);
+        sources that decode override it to decode on ``pool``'s workers."""
+        records = np.asarray(records, dtype=np.int64).reshape(-1)
+        if len(records) == 0:
+            return (np.empty((0, *self.datum_shape), self.dtype), np.empty((0,), np.int32))
+        parts = []
+        i, n = 0, len(records)
+        while i < n:
+            j = i + 1
+            while j < n and records[j] == records[j - 1] + 1:
+                j += 1
+            parts.append(self.read(int(records[i]), j - i))
+            i = j
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All records, in order."""
         return self.read(0, self.count)

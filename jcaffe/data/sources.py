@@ -29,7 +29,7 @@ from typing import Iterable
 import numpy as np
 
 from jcaffe._atomic import atomic_dir
-from jcaffe.data.datum import datum_to_array
+from jcaffe.data.datum import datum_to_array, datum_to_view
 from jcaffe.data.source_base import METADATA_FILE, Source, detect_kind, replaceable
 from jcaffe.errors import DataError
 from jcaffe.proto import caffe_pb2
@@ -55,32 +55,85 @@ class _DatumSource(Source):
         self.datum_shape = tuple(int(v) for v in arr.shape)
         self.dtype = arr.dtype.type
 
-    def _fill(self, start: int, n: int, values: Iterable[tuple[bytes, bytes]]):
-        data = np.empty((n, *self.datum_shape), dtype=self.dtype)
-        labels = np.empty((n,), dtype=np.int32)
-        got = 0
-        for i, (key, value) in enumerate(itertools.islice(values, n)):
+    def _decode(self, index: int, key: bytes, value: bytes) -> tuple[np.ndarray, int]:
+        """Record ``index`` (stored under ``key``) decoded and checked against record 0 (a view:
+        the caller copies it into its batch)."""
+        where = self._where(index, key)
+        arr, label = datum_to_view(value, where, force_color=self._force_color)
+        if arr.shape != self.datum_shape:
+            raise DataError(f"{where}: shape {tuple(arr.shape)} differs from record 0's "
+                            f"{self.datum_shape}")
+        if arr.dtype != self.dtype:
+            raise DataError(f"{where}: holds {arr.dtype.name} data but record 0 holds "
+                            f"{np.dtype(self.dtype).name}")
+        if not -2**31 <= label < 2**31:
+            raise DataError(f"{where}: label {label} does not fit in int32")
+        return arr, label
+
+    def _values(self, start: int, n: int) -> list[tuple[bytes, bytes]]:
+        """The stored ``(key, value)`` pairs of records ``[start, start + n)`` (caller holds
+        the lock)."""
+        raise NotImplementedError
+
+    def _take(self, start: int, n: int, values: Iterable[tuple[bytes, bytes]]
+              ) -> list[tuple[bytes, bytes]]:
+        got = list(itertools.islice(values, n))
+        for i, (key, _) in enumerate(got):
             index = start + i
             if key != self._keys[index]:
                 raise DataError(f"{self._where(index, self._keys[index])}: database changed "
                                 f"while open (found key '{key.decode('utf-8', 'replace')}')")
-            where = self._where(index, key)
-            arr, label = datum_to_array(value, where, force_color=self._force_color)
-            if arr.shape != self.datum_shape:
-                raise DataError(f"{where}: shape {tuple(arr.shape)} differs from record 0's "
-                                f"{self.datum_shape}")
-            if arr.dtype != self.dtype:
-                raise DataError(f"{where}: holds {arr.dtype.name} data but record 0 holds "
-                                f"{np.dtype(self.dtype).name}")
-            if not -2**31 <= label < 2**31:
-                raise DataError(f"{where}: label {label} does not fit in int32")
-            data[i] = arr
-            labels[i] = label
-            got += 1
-        if got != n:
+        if len(got) != n:
             raise DataError(f"{self.path}: database changed while open (records "
-                            f"[{start}, {start + n}) requested, {got} found)")
+                            f"[{start}, {start + n}) requested, {len(got)} found)")
+        return got
+
+    def _decode_into(self, indices, items, pool) -> tuple[np.ndarray, np.ndarray]:
+        n = len(items)
+        data = np.empty((n, *self.datum_shape), dtype=self.dtype)
+        labels = np.empty((n,), dtype=np.int32)
+
+        def one(i: int) -> None:
+            key, value = items[i]
+            data[i], labels[i] = self._decode(int(indices[i]), key, value)
+
+        if pool is None:
+            for i in range(n):
+                one(i)
+        else:
+            pool.run(one, n)
         return data, labels
+
+    def _read(self, start: int, n: int):
+        if n == 0:
+            return (np.empty((0, *self.datum_shape), self.dtype), np.empty((0,), np.int32))
+        return self._decode_into(range(start, start + n), self._values(start, n), None)
+
+    def read_records(self, records, pool=None) -> tuple[np.ndarray, np.ndarray]:
+        """Records ``records`` (any indices, in the order given): the stored values are
+        fetched in one pass under the source's lock, then decoded on ``pool``'s workers
+        (``jcaffe.data.workers.DecodePool``; None: in this thread)."""
+        records = np.asarray(records, dtype=np.int64).reshape(-1)
+        if len(records) and (self._closed or records.min() < 0 or records.max() >= self.count):
+            self._check_range(int(records.min()), int(records.max()) - int(records.min()) + 1)
+        items: list[tuple[bytes, bytes]] = []
+        with self._lock:
+            for a, m in runs(records):
+                items.extend(self._values(a, m))
+        return self._decode_into(records, items, pool)
+
+
+def runs(records: np.ndarray) -> list[tuple[int, int]]:
+    """``records`` as ``(start, length)`` runs of consecutive indices, in order."""
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(records)
+    while i < n:
+        j = i + 1
+        while j < n and records[j] == records[j - 1] + 1:
+            j += 1
+        out.append((int(records[i]), j - i))
+        i = j
+    return out
 
 
 class LMDBSource(_DatumSource):
@@ -121,17 +174,15 @@ class LMDBSource(_DatumSource):
             finally:
                 self._env = None
 
-    def _read(self, start: int, n: int):
+    def _values(self, start: int, n: int):
         import lmdb
 
-        if n == 0:
-            return (np.empty((0, *self.datum_shape), self.dtype), np.empty((0,), np.int32))
         try:
             cursor = self._txn.cursor()
             if not cursor.set_key(self._keys[start]):
                 raise DataError(f"{self._where(start, self._keys[start])}: key vanished "
                                 "(database changed while open)")
-            return self._fill(start, n, cursor.iternext(keys=True, values=True))
+            return self._take(start, n, cursor.iternext(keys=True, values=True))
         except lmdb.Error as e:
             raise DataError(f"{self.path}: LMDB read failed at records [{start}, {start + n}): "
                             f"{type(e).__name__}: {e}") from None
@@ -213,15 +264,13 @@ class LevelDBSource(_DatumSource):
             self._db = None
             _release_leveldb(self.path)
 
-    def _read(self, start: int, n: int):
+    def _values(self, start: int, n: int):
         import plyvel
 
-        if n == 0:
-            return (np.empty((0, *self.datum_shape), self.dtype), np.empty((0,), np.int32))
         try:
             it = self._snap.iterator(start=self._keys[start])
             try:
-                return self._fill(start, n, it)
+                return self._take(start, n, it)
             finally:
                 it.close()
         except plyvel.Error as e:

@@ -315,7 +315,7 @@ class WindowReader(BatchReader):
                  crop_size: int, context_pad: int = 0, square: bool = False,
                  mirror: bool = False, fg_fraction: float = 0.25, scale: float = 1.0,
                  mean: np.ndarray | None = None, cache_images: bool = False,
-                 where: str = ""):
+                 where: str = "", workers: int | None = None):
         self.windows = windows
         self.crop = int(crop_size)
         self.context_pad = int(context_pad)
@@ -328,9 +328,16 @@ class WindowReader(BatchReader):
         # Caffe: static_cast<int>(static_cast<float>(batch_size) * fg_fraction), in float.
         self.num_fg = int(np.float32(b) * np.float32(fg_fraction))
         self._cache: dict[int, np.ndarray] | None = None
-        super().__init__(layer, seed, len(windows.fg) + len(windows.bg))
+        super().__init__(layer, seed, len(windows.fg) + len(windows.bg), workers)
+        self._base = self._position  # batches are drawn at base + k·batch
         if cache_images:
-            self._cache = {i: self._decode(i) for i in range(len(windows.images))}
+            images = [None] * len(windows.images)
+
+            def decode(i: int) -> None:
+                images[i] = self._decode(i)
+
+            self.pool.run(decode, len(images))
+            self._cache = dict(enumerate(images))
 
     def _decode(self, i: int) -> np.ndarray:
         img = self.windows.images[i]
@@ -383,8 +390,36 @@ class WindowReader(BatchReader):
         return out
 
     def batch_at(self, position: int) -> dict[str, np.ndarray]:
-        picks = self.samples(position)
-        data = np.stack([self.render(s) for s in picks])
+        out = self._render_all(self.samples(position))
+        self.records_read += self.batch_size
+        return out
+
+    def read_positions(self, positions) -> dict[str, np.ndarray]:
+        """The items at stream ``positions``: position ``q`` is item ``q - s`` of the batch
+        drawn at ``s = base + ((q - base) // batch)·batch`` (``base``: the first batch's
+        position), so one process's share of a global batch is the items the whole batch
+        would hold there."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        b = self.batch_size
+        drawn: dict[int, list[WindowSample]] = {}
+        picks = []
+        for q in positions:
+            s = self._base + ((int(q) - self._base) // b) * b
+            if s not in drawn:
+                drawn[s] = self.samples(s)
+            picks.append(drawn[s][int(q) - s])
+        out = self._render_all(picks)
+        self.records_read += len(positions)
+        return out
+
+    def _render_all(self, picks: list[WindowSample]) -> dict[str, np.ndarray]:
+        # Each window is decoded (unless cached) and warped on a worker, into its own slot.
+        data = np.empty((len(picks), CHANNELS, self.crop, self.crop), np.float32)
+
+        def one(k: int) -> None:
+            data[k] = self.render(picks[k])
+
+        self.pool.run(one, len(picks))
         labels = np.asarray([s.window.label for s in picks], np.int32)
         return {self.tops[0]: self._cast(self.tops[0], data),
                 self.tops[1]: self._cast(self.tops[1], labels)}
