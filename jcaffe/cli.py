@@ -121,22 +121,11 @@ def parse_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> argpars
 # ---------------------------------------------------------------------------------------------
 
 
-class _CurrentStderr:
-    """Writes to whatever ``sys.stderr`` is at the time (tests swap it), not the stream that
-    was current when logging was set up."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
 def _setup_logging() -> None:
     from jcaffe import log
 
     if not log.get_logger().handlers:
-        log.setup(stream=_CurrentStderr())
+        log.setup()
 
 
 def _one_line(text: str) -> str:

@@ -31,13 +31,25 @@ def get_logger(name: str = LOGGER_NAME) -> logging.Logger:
     return logger
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of each write (a caller or a test may
+    swap it), not the stream that was current when logging was set up."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def setup(level: int = logging.INFO, stream=None) -> None:
-    """Installs the glog handler on the ``jcaffe`` logger (idempotent)."""
+    """Installs the glog handler on the ``jcaffe`` logger (idempotent); it writes to
+    ``stream``, by default to the ``sys.stderr`` of the moment of each line."""
     root = logging.getLogger(LOGGER_NAME)
     for h in list(root.handlers):
         if getattr(h, "_jcaffe", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream if stream is not None else _CurrentStderr())
     handler.setFormatter(GlogFormatter())
     handler._jcaffe = True  # type: ignore[attr-defined]
     root.addHandler(handler)

@@ -161,7 +161,7 @@ def test_a_decode_error_names_database_key_and_record(images, tmp_path):
 
 
 def test_worker_count_from_config_environment_and_flag(sources):
-    from jcaffe.train import add_train_flags, config_from_flags
+    from jcaffe.commands import add_train_flags, config_from_flags
     import argparse
 
     layer = layer_for("lmdb", sources, 2, None)
