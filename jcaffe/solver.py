@@ -83,6 +83,13 @@ class Schedule(NamedTuple):
         return max(1, n)
 
 
+def test_means(total, n: int) -> tuple[dict[str, np.ndarray], float]:
+    """A test pass's output means and loss mean (Caffe's ``Test loss``) from its sums over
+    ``n`` (test_iter) batches."""
+    outputs, loss = jax.device_get(total)
+    return {k: np.asarray(v) / n for k, v in outputs.items()}, float(loss) / n
+
+
 class Solver(SolverInit):
     """Caffe's Solver over jcaffe nets on one or many devices.
 
@@ -316,16 +323,10 @@ class Solver(SolverInit):
         n = int(self.sp.test_iter[i])
         return self._programs.test(i, parallel.root_view(self.params), self.tests_done * n, n)
 
-    def _test_means(self, i: int, total) -> tuple[dict[str, np.ndarray], float]:
-        """The outputs' means and the loss's (Caffe's ``Test loss``) over test_iter batches."""
-        n = int(self.sp.test_iter[i])
-        outputs, loss = jax.device_get(total)
-        return {k: np.asarray(v) / n for k, v in outputs.items()}, float(loss) / n
-
     def test(self, i: int = 0) -> dict[str, np.ndarray]:
         """Caffe's Solver::Test: the mean of each output of test net ``i`` over test_iter
         batches (not logged; ``test_all`` logs)."""
-        return self._test_means(i, self._dispatch_test(i))[0]
+        return test_means(self._dispatch_test(i), int(self.sp.test_iter[i]))[0]
 
     def test_all(self) -> list[dict[str, np.ndarray]]:
         """Caffe's Solver::TestAll: every test net's pass, logged."""
@@ -336,7 +337,7 @@ class Solver(SolverInit):
         results = []
         for i, total in enumerate(totals):
             _log.info("Iteration %d, Testing net (#%d)", it, i)
-            means, loss = self._test_means(i, total)
+            means, loss = test_means(total, int(self.sp.test_iter[i]))
             if self.sp.test_compute_loss:
                 _log.info("Test loss: %.6g", loss)
             log_outputs("Test", self.test_nets[i], means)
