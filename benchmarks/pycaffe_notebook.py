@@ -53,6 +53,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,6 +159,9 @@ class _Py2Division(ast.NodeTransformer):
 def run_cell(code: str, ns: dict, name: str, py2: bool) -> None:
     """Runs ``code`` in ``ns`` as a notebook cell: its last expression, when not None, is
     displayed (printed with ``repr``)."""
+    import linecache
+
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)  # for tracebacks
     tree = ast.parse(code, name)
     if py2:
         tree = ast.fix_missing_locations(_Py2Division().visit(tree))
@@ -217,7 +221,14 @@ def run_notebook(cells: list[str], py2: bool, paths: dict[str, str], gpu: bool,
             continue
         print(f"---- code cell {i}", flush=True)
         t0 = time.perf_counter()
-        run_cell(code, ns, f"<cell {i}>", py2)
+        try:
+            run_cell(code, ns, f"<code cell {i}>", py2)
+        except Exception as e:
+            from jcaffe.errors import JcaffeError
+
+            traceback.print_exc()
+            raise JcaffeError(f"code cell {i} failed (traceback above): "
+                              f"{type(e).__name__}: {e}") from None
         seconds[i] = round(time.perf_counter() - t0, 3)
         for k, num in enumerate(plt.get_fignums()):
             if figures:
@@ -356,7 +367,11 @@ def main(argv=None) -> int:
            "prepare_seconds": round(time.perf_counter() - t0, 2),
            "solver_from": write_solver(args.notebook, examples)}
     os.chdir(examples)
-    out.update(run_notebook(cells, py2, paths, gpu, args.figures))
+    try:
+        out.update(run_notebook(cells, py2, paths, gpu, args.figures))
+    except JcaffeError as e:
+        print(f"error: {args.notebook}: {e}", file=sys.stderr)
+        return 1
     os.chdir(examples)  # the notebook chdirs; the bench reads its files from examples/
     if args.bench_iters:
         with contextlib.redirect_stdout(sys.stderr):
