@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 
 import jax
@@ -32,8 +33,15 @@ LINREG = os.path.join(DATA, "linreg_pyloss.prototxt")
 
 @pytest.fixture
 def on_path(monkeypatch):
-    """tests/data on sys.path (what PYTHONPATH does for Caffe users)."""
+    """tests/data on sys.path (what PYTHONPATH does for Caffe users), and its pyloss imported
+    afresh: another test module may have imported Caffe's own pyloss (examples/pycaffe/layers),
+    whose backward ignores the top diff."""
     monkeypatch.syspath_prepend(DATA)
+    for name in [m for m in sys.modules if m.split(".")[0] == "pyloss"]:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] == "pyloss"]:
+        del sys.modules[name]
 
 
 def _euclidean_variant(text: str) -> str:

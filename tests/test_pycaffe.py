@@ -321,11 +321,15 @@ PYCAFFE_EXAMPLES = os.path.join(SHARED, "examples", "pycaffe")
 
 @pytest.mark.skipif(not os.path.isdir(PYCAFFE_EXAMPLES),
                     reason="../shared/pycaffe (Caffe's examples) is absent")
-def test_linreg_example_with_pyloss(caffe_mod, tmp_path, monkeypatch):
+def test_linreg_example_with_pyloss(caffe_mod, tmp_path, monkeypatch, request):
     """Caffe's examples/pycaffe/linreg.prototxt (a Python Euclidean loss, pyloss.py): the
     loss and its gradients match numpy, and an SGD solver over it trains (its loss falls and
     is, after each step, the numpy loss of the blobs the last iteration left)."""
     monkeypatch.syspath_prepend(os.path.join(PYCAFFE_EXAMPLES, "layers"))
+    # Caffe's pyloss, not a same-named module another test imported (tests/data has one); and
+    # gone again afterwards.
+    monkeypatch.delitem(sys.modules, "pyloss", raising=False)
+    request.addfinalizer(lambda: sys.modules.pop("pyloss", None))
     model = os.path.join(PYCAFFE_EXAMPLES, "linreg.prototxt")
     net = caffe_mod.Net(model, caffe_mod.TRAIN)
     loss = net.forward()["loss"]
