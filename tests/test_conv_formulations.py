@@ -47,8 +47,11 @@ def test_formulations_agree(geometry, seed):
         if blobs is None:
             blobs = [jnp.asarray(rng.standard_normal(s).astype(np.float32))
                      for s in layer.blob_shapes]
-        y = layer.apply(blobs, [jnp.asarray(x)], ctx)[0]
-        y_nhwc = layer.apply_nhwc(blobs, [jnp.transpose(jnp.asarray(x), (0, 2, 3, 1))], ctx)[0]
+        # Each formulation as one compiled program (op by op, every new geometry compiles
+        # each primitive alone).
+        y = jax.jit(lambda b, v: layer.apply(b, [v], ctx)[0])(blobs, jnp.asarray(x))
+        y_nhwc = jax.jit(lambda b, v: layer.apply_nhwc(b, [v], ctx)[0])(
+            blobs, jnp.transpose(jnp.asarray(x), (0, 2, 3, 1)))
         outputs.append((np.asarray(y), np.asarray(jnp.transpose(y_nhwc, (0, 3, 1, 2)))))
     reference = outputs[0][0]
     for y, y_nhwc in outputs:
@@ -73,7 +76,7 @@ def test_channels_last_gradients_match_xla_autodiff(geometry, seed):
     x = jnp.asarray(rng.standard_normal(shape))
     blobs = [jnp.asarray(rng.standard_normal(s)) for s in layer.blob_shapes]
     ctx = Context(train=True)
-    top_shape = ref_layer.apply(blobs, [x], ctx)[0].shape
+    top_shape = jax.eval_shape(lambda b, v: ref_layer.apply(b, [v], ctx)[0], blobs, x).shape
     probe = jnp.asarray(rng.standard_normal(top_shape))
 
     def ref_objective(blobs, x):
@@ -83,7 +86,7 @@ def test_channels_last_gradients_match_xla_autodiff(geometry, seed):
         y = layer.apply_nhwc(blobs, [jnp.transpose(x, (0, 2, 3, 1))], ctx)[0]
         return jnp.sum(jnp.transpose(y, (0, 3, 1, 2)) * probe)
 
-    want = jax.grad(ref_objective, argnums=(0, 1))(blobs, x)
+    want = jax.jit(jax.grad(ref_objective, argnums=(0, 1)))(blobs, x)
     got = jax.jit(jax.grad(nhwc_objective, argnums=(0, 1)))(blobs, x)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
