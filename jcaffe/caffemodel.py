@@ -197,9 +197,11 @@ def _text(name, path: str, what: str) -> str:
     return name
 
 
-def read_net_binary(path: str | os.PathLike) -> caffe_pb2.NetParameter:
-    """Reads a binary ``.caffemodel`` (a serialized ``NetParameter``, Caffe's
-    ``ReadNetParamsFromBinaryFileOrDie`` without the upgrade step).
+def parse_caffemodel(path: str | os.PathLike) -> caffe_pb2.NetParameter:
+    """The raw ``NetParameter`` message of a binary ``.caffemodel``, in whatever Caffe format
+    it was written (V0 / V1 ``layers`` or ``layer``): the weights' reader walks every format
+    itself. A net *definition* in binary form is read, upgraded, by
+    ``jcaffe.prototxt.read_net_binary``.
 
     Any size up to protobuf's 2 GB message limit is read. Missing, empty, truncated or corrupt
     files raise a ModelError naming the file.
@@ -240,7 +242,7 @@ def load_caffemodel(path: str | os.PathLike, dtype=np.float32) -> dict[str, list
     path = os.fspath(path)
     if _is_hdf5(path):
         return _load_caffemodel_h5(path, dtype)
-    net = read_net_binary(path)
+    net = parse_caffemodel(path)
     if not len(net.layer) and not len(net.layers):
         raise ModelError(f"{path}: holds no layers (not a .caffemodel?)")
     out: dict[str, list] = {}

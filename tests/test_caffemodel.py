@@ -234,7 +234,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
 
 def test_saved_model_is_nettoproto_layout(tmp_path):
     path = cm.save_caffemodel(tmp_path / "snap.caffemodel", _fake_net(), _special_params())
-    net = cm.read_net_binary(path)
+    net = cm.parse_caffemodel(path)
     assert net.name == "fake" and not len(net.layers)
     # Every layer, in order, with its full definition (Caffe's Layer::ToProto copies it).
     assert [l.name for l in net.layer] == ["data", "conv1", "ip", "scale"]
@@ -250,7 +250,7 @@ def test_saved_model_is_nettoproto_layout(tmp_path):
 def test_save_keeps_float64_as_double_data(tmp_path):
     net = FakeNet("d", [_layer("ip", "InnerProduct")])
     path = cm.save_caffemodel(tmp_path / "d.caffemodel", net, {"ip": [np.array([0.1, 0.2])]})
-    blob = cm.read_net_binary(path).layer[0].blobs[0]
+    blob = cm.parse_caffemodel(path).layer[0].blobs[0]
     assert list(blob.double_data) == [0.1, 0.2] and not len(blob.data)
     assert cm.load_caffemodel(path, dtype=None)["ip"][0].dtype == np.float64
 
@@ -304,7 +304,7 @@ def test_missing_model(tmp_path, name):
 
 def test_directory_is_not_a_model(tmp_path):
     with pytest.raises(ModelError, match="is a directory"):
-        cm.read_net_binary(tmp_path)
+        cm.parse_caffemodel(tmp_path)
 
 
 # -- HDF5 caffemodel --------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_hdf5_model_under_binary_name_is_detected(tmp_path):
     os.rename(path, renamed)
     assert sorted(cm.load_caffemodel(renamed)) == ["conv1", "ip", "scale"]
     with pytest.raises(ModelError) as e:
-        cm.read_net_binary(renamed)
+        cm.parse_caffemodel(renamed)
     _one_line_error(e, renamed, "is an HDF5 file")
 
 
