@@ -208,6 +208,20 @@ def test_caffe_db_raw_bytes_in_key_order(tmp_path, by_hand):
         np.testing.assert_array_equal(lab, y)
 
 
+@pytest.mark.parametrize("by_hand", [_lmdb_by_hand, _leveldb_by_hand])
+def test_two_readers_of_one_db_in_one_process(tmp_path, by_hand):
+    """A train and a test net on one database (LMDB and LevelDB each allow one open handle per
+    process): both read, and the one left open still reads after the other closes."""
+    x, y = _records(6, (1, 2, 2))
+    by_hand(tmp_path / "db", [(f"{i:08d}", _raw_datum(x[i], y[i])) for i in range(6)])
+    first = open_source(str(tmp_path / "db"))
+    with open_source(str(tmp_path / "db")) as second:
+        np.testing.assert_array_equal(first.read(0, 3)[0], x[:3])
+        np.testing.assert_array_equal(second.read(3, 3)[0], x[3:])
+    np.testing.assert_array_equal(first.read(1, 4)[1], y[1:5])
+    first.close()
+
+
 @pytest.mark.parametrize("writer", [write_lmdb, write_leveldb])
 def test_caffe_db_float_data_via_writers(tmp_path, writer):
     rng = np.random.default_rng(4)

@@ -28,6 +28,7 @@ import numpy as np
 
 from jcaffe.data.image import decode_image
 from jcaffe.data.readers import BatchReader, ReaderOwner
+from jcaffe.data.sources import acquire_lmdb, release_lmdb
 from jcaffe.errors import DataError
 from jcaffe.proto import ssd_pb2
 
@@ -407,14 +408,16 @@ class AnnotatedLMDB:
         self.where = where
         if not os.path.exists(path):
             raise DataError(f"{where}source '{path}' does not exist")
+        self.env = None
         try:
-            self.env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path),
-                                 readahead=False, max_readers=4)
+            self.env = acquire_lmdb(path)
             with self.env.begin() as txn:
                 self.keys = list(txn.cursor().iternext(keys=True, values=False))
         except lmdb.Error as e:
+            self.close()
             raise DataError(f"{where}{path}: cannot read LMDB: {type(e).__name__}: {e}") from None
         if not self.keys:
+            self.close()
             raise DataError(f"{where}{path}: LMDB holds no records")
 
     def __len__(self) -> int:
@@ -428,7 +431,9 @@ class AnnotatedLMDB:
         return f"{self.path}: record {i} (key '{self.keys[i].decode('utf-8', 'replace')}')"
 
     def close(self) -> None:
-        self.env.close()
+        if self.env is not None:
+            self.env = None
+            release_lmdb(self.path)
 
 
 class AnnotatedReader(BatchReader):

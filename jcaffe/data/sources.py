@@ -136,6 +136,41 @@ def runs(records: np.ndarray) -> list[tuple[int, int]]:
     return out
 
 
+# LMDB admits one open environment per database and process (py-lmdb refuses a second): the
+# readers of one process (a train and a test net on one database, say) share it.
+_LMDB_GUARD = threading.Lock()
+_LMDB_OPEN: dict[str, list] = {}  # real path -> [lmdb.Environment, users]
+
+
+def acquire_lmdb(path: str):
+    """The process's read-only environment of the LMDB at ``path`` (opened on first use);
+    each call is paired with a ``release_lmdb(path)``. Raises ``lmdb.Error`` / ``OSError``."""
+    import lmdb
+
+    key = os.path.realpath(path)
+    with _LMDB_GUARD:
+        entry = _LMDB_OPEN.get(key)
+        if entry is None:
+            # lock=False: no reader table, so any thread may hold several read transactions.
+            entry = _LMDB_OPEN[key] = [lmdb.open(path, readonly=True, lock=False,
+                                                 subdir=os.path.isdir(path), readahead=False),
+                                       0]
+        entry[1] += 1
+        return entry[0]
+
+
+def release_lmdb(path: str) -> None:
+    key = os.path.realpath(path)
+    with _LMDB_GUARD:
+        entry = _LMDB_OPEN.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _LMDB_OPEN[key]
+            entry[0].close()
+
+
 class LMDBSource(_DatumSource):
     """A Caffe LMDB of Datums (a directory with ``data.mdb``, or an LMDB file)."""
 
@@ -145,8 +180,7 @@ class LMDBSource(_DatumSource):
 
         self._env = None
         try:
-            self._env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path),
-                                  readahead=False, max_readers=1)
+            self._env = acquire_lmdb(path)
             self._txn = self._env.begin(buffers=False)
             cursor = self._txn.cursor()
             self._keys = list(cursor.iternext(keys=True, values=False))
@@ -169,10 +203,8 @@ class LMDBSource(_DatumSource):
 
     def _close_env(self) -> None:
         if self._env is not None:
-            try:
-                self._env.close()
-            finally:
-                self._env = None
+            self._env = None
+            release_lmdb(self.path)
 
     def _values(self, start: int, n: int):
         import lmdb
@@ -348,8 +380,7 @@ def db_bounds(path: str) -> tuple[bytes, bytes, bytes]:
         import lmdb
 
         try:
-            env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path),
-                            max_readers=1)
+            env = acquire_lmdb(path)
             try:
                 with env.begin() as txn:
                     cur = txn.cursor()
@@ -359,7 +390,7 @@ def db_bounds(path: str) -> tuple[bytes, bytes, bytes]:
                     cur.last()
                     return first_key, cur.key(), first_value
             finally:
-                env.close()
+                release_lmdb(path)
         except lmdb.Error as e:
             raise DataError(f"{path}: cannot read LMDB: {type(e).__name__}: {e}") from None
     if kind == "leveldb":
