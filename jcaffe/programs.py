@@ -12,7 +12,9 @@ Built once a solver's batches exist (``jcaffe.data.netfeed.NetFeed``, one per ne
 * on N devices the same programs run under ``shard_map`` over a one-axis mesh
   (``jcaffe.parallel``): state replicated, host batches split over the devices.
 * a test pass sums test net ``i``'s outputs and loss over ``test_iter`` batches (a
-  ``lax.scan`` over device-resident batches, else one dispatch per batch), on the root device.
+  ``lax.scan`` over device-resident batches, else one dispatch per batch), on the root device;
+  the outputs of DetectionEvaluate layers are kept batch by batch instead (the SSD fork's
+  ``TestDetection`` scores their rows together).
 
 Every program is one ``jax.jit``; ``call`` logs when (and how long) one had to compile.
 """
@@ -36,6 +38,12 @@ def share_params(train_params, own_params, mapping):
     (``mapping``: test params key -> train params key, ``Net.shared_layer_keys``)."""
     return {k: train_params[mapping[k]] if k in mapping else blobs
             for k, blobs in own_params.items()}
+
+
+def detection_eval_outputs(net) -> frozenset[str]:
+    """The net outputs a DetectionEvaluate layer makes: a test pass keeps each batch's rows."""
+    return frozenset(t for layer in net.layers if layer.type == "DetectionEvaluate"
+                     for t in layer.top_names if t in net.output_names)
 
 
 def _stack(subs):
@@ -184,18 +192,24 @@ class Programs:
     def test(self, i: int, params, b0: int, n: int):
         """Queues test net ``i``'s pass over batches ``b0 .. b0+n-1`` on the root device
         (``params``: the root device's train params); returns the unsynchronised sums
-        ``(outputs, loss)``."""
+        ``(outputs, loss)``; a DetectionEvaluate output is the list of its ``n`` batches' tops."""
         feed = self.feeds[i]
         fn = self._test_fn(i)
         what = f"test net #{i}"
+        evals = detection_eval_outputs(self.tests[i][0])
         with jax.default_device(self.root_device):
-            if feed.on_device and self.test_scan:
+            if feed.on_device and self.test_scan and not evals:
                 return self.call(fn, what, params, feed.arrays, jnp.int32(b0), n)
-            total = None
+            total, rows = None, {k: [] for k in evals}
             for j in range(n):
                 if feed.on_device:
-                    s = self.call(fn, what, params, feed.arrays, jnp.int32(b0 + j), 1)
+                    out, loss = self.call(fn, what, params, feed.arrays, jnp.int32(b0 + j), 1)
                 else:
-                    s = self.call(fn, what, params, feed.host_batch(b0 + j), jnp.int32(b0 + j))
-                total = s if total is None else jax.tree.map(jnp.add, total, s)
-            return total
+                    out, loss = self.call(fn, what, params, feed.host_batch(b0 + j),
+                                          jnp.int32(b0 + j))
+                out = dict(out)
+                for k in evals:
+                    rows[k].append(out.pop(k))
+                total = (out, loss) if total is None else jax.tree.map(jnp.add, total,
+                                                                       (out, loss))
+            return {**total[0], **rows}, total[1]

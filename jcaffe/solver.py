@@ -85,9 +85,15 @@ class Schedule(NamedTuple):
 
 def test_means(total, n: int) -> tuple[dict[str, np.ndarray], float]:
     """A test pass's output means and loss mean (Caffe's ``Test loss``) from its sums over
-    ``n`` (test_iter) batches."""
+    ``n`` (test_iter) batches. A DetectionEvaluate output (its batches' tops, a list) gives
+    the SSD fork's ``detection_eval``: the mAP of its rows, with the fork's default
+    ``ap_version`` "Integral" (the fork's solver field cannot be read: its number is BVLC's
+    ``weights``)."""
+    from jcaffe.layers.detection import average_precisions
+
     outputs, loss = jax.device_get(total)
-    return {k: np.asarray(v) / n for k, v in outputs.items()}, float(loss) / n
+    return {k: np.float32(average_precisions(v)[0]) if isinstance(v, list) else
+            np.asarray(v) / n for k, v in outputs.items()}, float(loss) / n
 
 
 class Solver(SolverInit):

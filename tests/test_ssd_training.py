@@ -238,6 +238,8 @@ snapshot: 0
 snapshot_after_train: true
 snapshot_prefix: "{prefix}"
 random_seed: 1
+test_iter: 2
+test_interval: {iters}
 test_initialization: false
 """
 
@@ -258,6 +260,12 @@ def test_small_ssd_trains_its_multibox_loss_falls(trained, capfd):
     losses = [float(v) for v in re.findall(r"Iteration \d+.*?, loss = ([\d.eE+-]+)", err)]
     assert len(losses) >= 10, err[-2000:]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
+    # The solver's test pass scores the DetectionEvaluate rows of its test_iter batches
+    # together, as the fork's TestDetection: one mAP line (not one line per row element).
+    found = re.findall(r"Iteration 300, Testing net \(#0\)\n.*Test net output #\d+: "
+                       r"detection_eval = ([\d.eE+-]+)\n", err)
+    assert len(found) == 1, err[-2000:]
+    assert 0.5 < float(found[0]) <= 1, found
 
 
 def test_jcaffe_test_prints_detection_eval(trained, capfd):
