@@ -28,7 +28,7 @@ import numpy as np
 
 from jcaffe.data.image import decode_image
 from jcaffe.data.readers import BatchReader, ReaderOwner
-from jcaffe.data.sources import acquire_lmdb, release_lmdb
+from jcaffe.data.sources import LMDB_HANDLES
 from jcaffe.errors import DataError
 from jcaffe.proto import ssd_pb2
 
@@ -410,7 +410,7 @@ class AnnotatedLMDB:
             raise DataError(f"{where}source '{path}' does not exist")
         self.env = None
         try:
-            self.env = acquire_lmdb(path)
+            self.env = LMDB_HANDLES.acquire(path)
             with self.env.begin() as txn:
                 self.keys = list(txn.cursor().iternext(keys=True, values=False))
         except lmdb.Error as e:
@@ -433,7 +433,7 @@ class AnnotatedLMDB:
     def close(self) -> None:
         if self.env is not None:
             self.env = None
-            release_lmdb(self.path)
+            LMDB_HANDLES.release(self.path)
 
 
 class AnnotatedReader(BatchReader):

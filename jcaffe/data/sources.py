@@ -136,39 +136,55 @@ def runs(records: np.ndarray) -> list[tuple[int, int]]:
     return out
 
 
-# LMDB admits one open environment per database and process (py-lmdb refuses a second): the
-# readers of one process (a train and a test net on one database, say) share it.
-_LMDB_GUARD = threading.Lock()
-_LMDB_OPEN: dict[str, list] = {}  # real path -> [lmdb.Environment, users]
+class SharedHandles:
+    """One open handle per database and process, shared by the process's readers (a train and
+    a test net on one database, say): LMDB and LevelDB each admit one per process (py-lmdb
+    refuses a second open, LevelDB's lock a second user). ``acquire(path)`` opens on first use
+    and counts; each is paired with a ``release(path)``, and the last user's closes it."""
+
+    def __init__(self, open_handle):
+        self._open = open_handle
+        self._guard = threading.Lock()
+        self._handles: dict[str, list] = {}  # real path -> [handle, users]
+
+    def acquire(self, path: str):
+        key = os.path.realpath(path)
+        with self._guard:
+            entry = self._handles.get(key)
+            if entry is None:
+                entry = self._handles[key] = [self._open(path), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, path: str) -> None:
+        key = os.path.realpath(path)
+        with self._guard:
+            entry = self._handles.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._handles[key]
+                entry[0].close()
 
 
-def acquire_lmdb(path: str):
-    """The process's read-only environment of the LMDB at ``path`` (opened on first use);
-    each call is paired with a ``release_lmdb(path)``. Raises ``lmdb.Error`` / ``OSError``."""
+def _open_lmdb(path: str):
     import lmdb
 
-    key = os.path.realpath(path)
-    with _LMDB_GUARD:
-        entry = _LMDB_OPEN.get(key)
-        if entry is None:
-            # lock=False: no reader table, so any thread may hold several read transactions.
-            entry = _LMDB_OPEN[key] = [lmdb.open(path, readonly=True, lock=False,
-                                                 subdir=os.path.isdir(path), readahead=False),
-                                       0]
-        entry[1] += 1
-        return entry[0]
+    # lock=False: no reader table, so any thread may hold several read transactions.
+    return lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path),
+                     readahead=False)
 
 
-def release_lmdb(path: str) -> None:
-    key = os.path.realpath(path)
-    with _LMDB_GUARD:
-        entry = _LMDB_OPEN.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _LMDB_OPEN[key]
-            entry[0].close()
+def _open_leveldb(path: str):
+    import plyvel
+
+    return plyvel.DB(path, create_if_missing=False)
+
+
+# Raise lmdb.Error / OSError and plyvel.Error as their libraries do.
+LMDB_HANDLES = SharedHandles(_open_lmdb)
+LEVELDB_HANDLES = SharedHandles(_open_leveldb)
 
 
 class LMDBSource(_DatumSource):
@@ -180,7 +196,7 @@ class LMDBSource(_DatumSource):
 
         self._env = None
         try:
-            self._env = acquire_lmdb(path)
+            self._env = LMDB_HANDLES.acquire(path)
             self._txn = self._env.begin(buffers=False)
             cursor = self._txn.cursor()
             self._keys = list(cursor.iternext(keys=True, values=False))
@@ -204,7 +220,7 @@ class LMDBSource(_DatumSource):
     def _close_env(self) -> None:
         if self._env is not None:
             self._env = None
-            release_lmdb(self.path)
+            LMDB_HANDLES.release(self.path)
 
     def _values(self, start: int, n: int):
         import lmdb
@@ -229,35 +245,6 @@ class LMDBSource(_DatumSource):
             self._close_env()
 
 
-# LevelDB admits one open handle per database; sources of one process share it.
-_LEVELDB_GUARD = threading.Lock()
-_LEVELDB_OPEN: dict[str, list] = {}  # real path -> [plyvel.DB, users]
-
-
-def _acquire_leveldb(path: str):
-    import plyvel
-
-    key = os.path.realpath(path)
-    with _LEVELDB_GUARD:
-        entry = _LEVELDB_OPEN.get(key)
-        if entry is None:
-            entry = _LEVELDB_OPEN[key] = [plyvel.DB(path, create_if_missing=False), 0]
-        entry[1] += 1
-        return entry[0]
-
-
-def _release_leveldb(path: str) -> None:
-    key = os.path.realpath(path)
-    with _LEVELDB_GUARD:
-        entry = _LEVELDB_OPEN.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _LEVELDB_OPEN[key]
-            entry[0].close()
-
-
 class LevelDBSource(_DatumSource):
     """A Caffe LevelDB of Datums (read through ``plyvel`` and a snapshot)."""
 
@@ -267,7 +254,7 @@ class LevelDBSource(_DatumSource):
 
         self._db = None
         try:
-            self._db = _acquire_leveldb(path)
+            self._db = LEVELDB_HANDLES.acquire(path)
             self._snap = self._db.snapshot()
             self._keys = list(self._snap.iterator(include_value=False))
             first = self._snap.get(self._keys[0]) if self._keys else None
@@ -294,7 +281,7 @@ class LevelDBSource(_DatumSource):
     def _close_db(self) -> None:
         if self._db is not None:
             self._db = None
-            _release_leveldb(self.path)
+            LEVELDB_HANDLES.release(self.path)
 
     def _values(self, start: int, n: int):
         import plyvel
@@ -380,7 +367,7 @@ def db_bounds(path: str) -> tuple[bytes, bytes, bytes]:
         import lmdb
 
         try:
-            env = acquire_lmdb(path)
+            env = LMDB_HANDLES.acquire(path)
             try:
                 with env.begin() as txn:
                     cur = txn.cursor()
@@ -390,14 +377,14 @@ def db_bounds(path: str) -> tuple[bytes, bytes, bytes]:
                     cur.last()
                     return first_key, cur.key(), first_value
             finally:
-                release_lmdb(path)
+                LMDB_HANDLES.release(path)
         except lmdb.Error as e:
             raise DataError(f"{path}: cannot read LMDB: {type(e).__name__}: {e}") from None
     if kind == "leveldb":
         import plyvel
 
         try:
-            db = _acquire_leveldb(path)
+            db = LEVELDB_HANDLES.acquire(path)
         except plyvel.Error as e:
             raise DataError(f"{path}: cannot read LevelDB: {e}") from None
         try:
@@ -409,7 +396,7 @@ def db_bounds(path: str) -> tuple[bytes, bytes, bytes]:
                 last_key = next(it)
             return first[0], last_key, first[1]
         finally:
-            _release_leveldb(path)
+            LEVELDB_HANDLES.release(path)
     raise DataError(f"{path}: not a Caffe LMDB or LevelDB")
 
 
