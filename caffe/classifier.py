@@ -15,6 +15,7 @@ import numpy as np
 
 from caffe import io as caffe_io
 from caffe.pycaffe import Net
+from jcaffe.classifier import image_transformer
 from jcaffe.proto.caffe_pb2 import TEST
 
 
@@ -28,16 +29,8 @@ class Classifier(Net):
         if not self.inputs:
             raise RuntimeError(f"{model_file}: the net has no input blob (an Input layer)")
         in_ = self.inputs[0]
-        self.transformer = caffe_io.Transformer({in_: self.blobs[in_].shape})
-        self.transformer.set_transpose(in_, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(in_, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(in_, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(in_, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(in_, channel_swap)
+        self.transformer = image_transformer(in_, self.blobs[in_].shape, mean, input_scale,
+                                             raw_scale, channel_swap)
         self.crop_dims = np.array(self.blobs[in_].shape[2:])
         if not image_dims:
             image_dims = self.crop_dims

@@ -219,6 +219,23 @@ class Transformer:
         self.mean[in_] = np.ascontiguousarray(mean, dtype=np.float32)
 
 
+def image_transformer(in_: str, shape, mean=None, input_scale=None, raw_scale=None,
+                      channel_swap=None) -> Transformer:
+    """pycaffe's Classifier / Detector set-up of the input ``in_`` of ``shape``: images
+    ``H x W x K`` in, ``K x H x W`` out, with the given mean, scales and channel order."""
+    t = Transformer({in_: shape})
+    t.set_transpose(in_, (2, 0, 1))
+    if mean is not None:
+        t.set_mean(in_, mean)
+    if input_scale is not None:
+        t.set_input_scale(in_, input_scale)
+    if raw_scale is not None:
+        t.set_raw_scale(in_, raw_scale)
+    if channel_swap is not None:
+        t.set_channel_swap(in_, channel_swap)
+    return t
+
+
 def load_mean(path: str | os.PathLike) -> np.ndarray:
     """A mean file: a ``.npy`` array (pycaffe's classify.py) or a Caffe ``.binaryproto``
     (``K x H x W``)."""
@@ -290,16 +307,8 @@ class Classifier:
         if len(shape) != 4:
             raise NetError(f"{model_file}: input '{in_}' has shape {list(shape)}; a classifier "
                            f"needs N x K x H x W")
-        self.transformer = Transformer({in_: shape})
-        self.transformer.set_transpose(in_, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(in_, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(in_, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(in_, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(in_, channel_swap)
+        self.transformer = image_transformer(in_, shape, mean, input_scale, raw_scale,
+                                             channel_swap)
         self.crop_dims = np.array(shape[2:])
         self.image_dims = np.array(self.crop_dims if image_dims is None or len(image_dims) == 0
                                    else image_dims, dtype=int)
