@@ -400,8 +400,9 @@ def runs(sandbox, tmp_path_factory):
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                               env.get("XLA_FLAGS", "")).strip()
     # One XLA compilation cache for the examples: the README trains the same LeNet several
-    # times (as written, from the v1 prototxt, on four devices).
-    env["JAX_COMPILATION_CACHE_DIR"] = str(work / "xla_cache")
+    # times (as written, from the v1 prototxt, on four devices). The test run's own cache
+    # (tests/conftest.py) when there is one: other tests compiled the same programs.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(work / "xla_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     procs = []
     for k, (group, tasks) in enumerate(groups.items()):
