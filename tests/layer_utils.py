@@ -89,7 +89,7 @@ def check_gradient(layer, blobs, bottoms, *, train=True, key=None, check_bottoms
         if check_bottoms is None:
             check_bottoms = [i for i, b in enumerate(bottoms64) if np.issubdtype(b.dtype, np.floating)]
         obj = jax.jit(objective)
-        g_blobs, g_bottoms = jax.grad(objective, argnums=(0, 1))(
+        g_blobs, g_bottoms = jax.jit(jax.grad(objective, argnums=(0, 1)))(
             [jnp.asarray(b) for b in blobs64], [jnp.asarray(b) for b in bottoms64])
 
         def numeric(which, idx, flat_i):

@@ -328,8 +328,8 @@ def test_forward_mode_with_the_nchw_layout_matches_reverse_mode():
                              if k in ("ip", "p3"))
     direction = jax.tree.map(lambda v: jnp.asarray(
         np.random.default_rng(v.size).standard_normal(v.shape), v.dtype), params)
-    _, forward = jax.jvp(objective(b), (params,), (direction,))
-    grads = jax.grad(objective(a))(params)
+    _, forward = jax.jit(lambda p, t: jax.jvp(objective(b), (p,), (t,)))(params, direction)
+    grads = jax.jit(jax.grad(objective(a)))(params)
     reverse = sum(jnp.sum(g * t) for g, t in zip(jax.tree.leaves(grads),
                                                  jax.tree.leaves(direction)))
     np.testing.assert_allclose(float(forward), float(reverse), rtol=1e-4)

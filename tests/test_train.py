@@ -262,8 +262,8 @@ def test_update_is_caffes_sgd(workdir):
     feed = t._feeds["train"]
     batch = feed.batch_at(feed.arrays, 0)
     key = jax.random.fold_in(t.state.key, 0)
-    grads = jax.grad(lambda p: t.net.loss(p, batch, train=True,
-                                          key=jax.random.fold_in(key, 0))[0])(t.params)
+    grads = jax.jit(jax.grad(lambda p: t.net.loss(p, batch, train=True,
+                                                  key=jax.random.fold_in(key, 0))[0]))(t.params)
     t.run_iterations(1)
     p1 = params_np(t.params)
     g = params_np(grads)
