@@ -378,8 +378,13 @@ class TensorstoreSource(Source):
         return f"{self.path}: array '{name}', {records}: read failed: {text}"
 
     def _read(self, start: int, n: int):
-        # Both reads are issued before either is awaited; each failure names its own array.
-        pending = [(name, store, store[start:start + n].read())
+        return self._read_both(slice(start, start + n), start, n)
+
+    def _read_both(self, index, start: int, n: int):
+        """Data and labels at ``index`` (a slice or an index array within records
+        ``[start, start + n)``): both reads are issued before either is awaited; each failure
+        names its own array."""
+        pending = [(name, store, store[index].read())
                    for name, store in (("data", self._data), ("label", self._label))]
         out = []
         for name, store, future in pending:
@@ -398,16 +403,7 @@ class TensorstoreSource(Source):
             return (np.empty((0, *self.datum_shape), self.dtype), np.empty((0,), np.int32))
         lo, hi = int(records.min()), int(records.max())
         self._check_range(lo, hi - lo + 1)
-        start, n = lo, hi - lo + 1
-        pending = [(name, store, store[records].read())
-                   for name, store in (("data", self._data), ("label", self._label))]
-        out = []
-        for name, store, future in pending:
-            try:
-                out.append(np.asarray(future.result()))
-            except ValueError as e:
-                raise DataError(self._read_failure(name, store, start, n, e)) from None
-        return out[0], out[1].astype(np.int32, copy=False)
+        return self._read_both(records, lo, hi - lo + 1)
 
     def verify(self) -> None:
         """Recomputes the content checksums; raises ``DataError`` on a mismatch."""
