@@ -282,3 +282,25 @@ def test_jcaffe_test_prints_detection_eval(trained, capfd):
     assert len(found) == 1, err[-2000:]
     assert "Batch 0, detection_eval" not in err
     assert 0.5 < float(found[0]) <= 1, found
+
+
+def test_sample_constraint_follows_the_forks_found_logic():
+    """SatisfySampleConstraint by hand: sample S = [0, 0, .5, .5] and object B = [0, 0, 1, 1]
+    have jaccard .25, sample coverage 1 and object coverage .25. A measure that fails moves on
+    to the next object, but an earlier measure's pass still counts (the fork's ``found``)."""
+    from jcaffe.data.annotated import satisfies
+
+    s, b = [0, 0, .5, .5], [0, 0, 1, 1]
+
+    def c(**bounds):
+        return ssd_pb2.SampleConstraint(**bounds)
+
+    assert satisfies(s, [b], c())
+    assert satisfies(s, [b], c(min_jaccard_overlap=.2))
+    assert not satisfies(s, [b], c(min_jaccard_overlap=.5))
+    assert not satisfies(s, [b], c(max_sample_coverage=.9))
+    assert satisfies(s, [b, s], c(min_jaccard_overlap=.5))
+    # Jaccard passes, object coverage (.25) fails: still True, as the fork's loop returns.
+    assert satisfies(s, [b], c(min_jaccard_overlap=.2, min_object_coverage=.5))
+    # Jaccard fails first: the object coverage is never looked at.
+    assert not satisfies(s, [b], c(min_jaccard_overlap=.5, max_object_coverage=.5))

@@ -99,37 +99,29 @@ def meets_emit_constraint(src, b, emit) -> bool:
     return coverage(b, src) > emit.emit_overlap
 
 
+# SampleConstraint's measures, in the fork's order: (bound name, measure of (sample, object)).
+_MEASURES = (("jaccard_overlap", lambda sample, obj: jaccard(sample, obj)),
+             ("sample_coverage", lambda sample, obj: coverage(sample, obj)),
+             ("object_coverage", lambda sample, obj: coverage(obj, sample)))
+
+
 def satisfies(sample, objects, c) -> bool:
-    """The fork's SatisfySampleConstraint (its ``continue`` / ``found`` logic kept)."""
-    has_j = c.HasField("min_jaccard_overlap") or c.HasField("max_jaccard_overlap")
-    has_s = c.HasField("min_sample_coverage") or c.HasField("max_sample_coverage")
-    has_o = c.HasField("min_object_coverage") or c.HasField("max_object_coverage")
-    if not (has_j or has_s or has_o):
+    """The fork's SatisfySampleConstraint, its ``continue`` / ``found`` logic kept: an object
+    passing every bounded measure satisfies; a measure failing moves on to the next object,
+    but an earlier measure's pass still counts (``found``) if no object passes whole."""
+    active = [(name, measure) for name, measure in _MEASURES
+              if c.HasField("min_" + name) or c.HasField("max_" + name)]
+    if not active:
         return True
     found = False
     for obj in objects:
-        if has_j:
-            j = jaccard(sample, obj)
-            if c.HasField("min_jaccard_overlap") and j < c.min_jaccard_overlap:
-                continue
-            if c.HasField("max_jaccard_overlap") and j > c.max_jaccard_overlap:
-                continue
+        for name, measure in active:
+            v = measure(sample, obj)
+            if (c.HasField("min_" + name) and v < getattr(c, "min_" + name)) or \
+                    (c.HasField("max_" + name) and v > getattr(c, "max_" + name)):
+                break
             found = True
-        if has_s:
-            s = coverage(sample, obj)
-            if c.HasField("min_sample_coverage") and s < c.min_sample_coverage:
-                continue
-            if c.HasField("max_sample_coverage") and s > c.max_sample_coverage:
-                continue
-            found = True
-        if has_o:
-            o = coverage(obj, sample)
-            if c.HasField("min_object_coverage") and o < c.min_object_coverage:
-                continue
-            if c.HasField("max_object_coverage") and o > c.max_object_coverage:
-                continue
-            found = True
-        if found:
+        else:
             return True
     return found
 
