@@ -21,7 +21,8 @@ Pillow, which gives the same pixels for those JPEGs (both use libjpeg-turbo's de
 integer DCT and upsampling). Lossy decoders (JPEG) may differ in the last bit between libjpeg
 builds; PNG/BMP/PPM decode exactly.
 EXIF orientation is not applied (Caffe's OpenCV 2.4 did not). Images must have 8-bit samples.
-Arrays are ``uint8`` ``[H, W, C]`` (channel-last, as OpenCV's ``Mat``); ``hwc_to_chw`` converts.
+Arrays are ``uint8`` ``[H, W, C]`` (channel-last, as OpenCV's ``Mat``); ``hwc_to_chw`` converts,
+``copy_chw`` stores one into a ``[C, H, W]`` batch slot.
 """
 
 from __future__ import annotations
@@ -282,10 +283,31 @@ def hwc_to_chw(hwc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(hwc, (2, 0, 1)))
 
 
+def copy_chw(out: np.ndarray, chw: np.ndarray) -> None:
+    """``out[...] = chw``: one image ``[C, H, W]`` into its slot of a batch.
+
+    ``chw`` is usually the ``[C, H, W]`` view of a decoder's contiguous ``[H, W, C]`` array;
+    then the copy is OpenCV's ``split`` (planes written in place, without the GIL, about 4x
+    numpy's strided transpose for 3 channels). Anything else is numpy's copy. Same values
+    either way."""
+    if out.shape != chw.shape:
+        raise ValueError(f"image of shape {chw.shape} does not fit a slot of shape {out.shape}")
+    cv2 = _opencv()
+    hwc = chw.transpose(1, 2, 0)
+    c = chw.shape[0]
+    if (cv2 is not None and 2 <= c <= 4 and out.dtype == chw.dtype == np.uint8
+            and out.flags.c_contiguous and hwc.flags.c_contiguous):
+        # split writes into the planes given when their shapes and type match (checked
+        # above: each plane of a contiguous [C, H, W] slot is a contiguous [H, W] uint8).
+        cv2.split(hwc, [out[k] for k in range(c)])
+        return
+    out[...] = chw
+
+
 def pil_format_for(ext: str) -> str | None:
     """Pillow's format name for a file extension, or None when unknown."""
     return _PIL_FORMATS.get(ext.lower().lstrip("."))
 
 
 __all__ = ["decode_image", "decode_image_pillow", "jpeg_components", "native_channels", "read_image_file", "encode_image", "resize_linear",
-           "hwc_to_chw", "pil_format_for"]
+           "hwc_to_chw", "copy_chw", "pil_format_for"]

@@ -42,12 +42,13 @@ those devices' records, ``len(L)·B`` of every N·B.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from jcaffe import log
-from jcaffe.data.image import hwc_to_chw, read_image_file, resize_linear
+from jcaffe.data.image import copy_chw, read_image_file, resize_linear
 from jcaffe.data.workers import DecodePool, ReadAhead
 from jcaffe.errors import DataError, LayerError
 
@@ -146,6 +147,7 @@ class BatchReader:
         self.pool = DecodePool(workers)
         self.workers = self.pool.workers
         self.records_read = 0  # records read (and decoded) so far, load_all included
+        self._read_lock = threading.Lock()
         self.tops = [t for t, _, _ in layer.input_specs()]
         self.specs = {t: (tuple(s[1:]), np.dtype(d)) for t, s, d in layer.input_specs()}
         self.batch_size = int(layer.batch_size)
@@ -184,11 +186,9 @@ class BatchReader:
     def next_batch(self) -> dict[str, np.ndarray]:
         self._check_nonempty()
         here = self._position
-        out = self._ahead.take(here, lambda: self.batch_at(here))
+        out = self._ahead.next(here, self.batch_size, self.batch_at,
+                               self.read_ahead and self.workers > 1)
         self._position = here + self.batch_size
-        if self.read_ahead and self.workers > 1:
-            after = self._position
-            self._ahead.start(after, lambda: self.batch_at(after))
         return out
 
     def batch_at(self, position: int) -> dict[str, np.ndarray]:
@@ -202,8 +202,13 @@ class BatchReader:
         self._check_nonempty()
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         out = self._gather(self._records(positions))
-        self.records_read += len(positions)
+        self.count_read(len(positions))
         return out
+
+    def count_read(self, n: int) -> None:
+        """Adds ``n`` to ``records_read`` (batches read ahead run on several threads)."""
+        with self._read_lock:
+            self.records_read += int(n)
 
     def _check_nonempty(self) -> None:
         if self.count <= 0:
@@ -243,7 +248,7 @@ class BatchReader:
         self._check_nonempty()
         out = {t: self._cast(t, a) for t, a in self._read(0, self.count).items()
                if t in self.specs}
-        self.records_read += self.count
+        self.count_read(self.count)
         return out
 
     @property
@@ -368,11 +373,8 @@ class ShardReader:
 
     def next_batch(self) -> dict[str, np.ndarray]:
         here = self._position
-        out = self._ahead.take(here, lambda: self.batch_at(here))
+        out = self._ahead.next(here, self.batch_size, self.batch_at, self._read_ahead)
         self._position = here + self.batch_size
-        if self._read_ahead:
-            after = self._position
-            self._ahead.start(after, lambda: self.batch_at(after))
         return out
 
     def seek(self, position: int) -> None:
@@ -518,11 +520,12 @@ class ImageList:
         return root_path(self.root_folder, self.lines[i][0])
 
     def load(self, i: int, check: bool = True) -> np.ndarray:
+        """Image ``i`` as a ``[C, H, W]`` view of its decoded ``[H, W, C]`` array."""
         path = self.path(i)
         img = read_image_file(path, self.is_color, where=f"{self.where}image '{path}'")
         if self.new_height > 0:
             img = resize_linear(img, self.new_height, self.new_width)
-        img = hwc_to_chw(img)
+        img = np.transpose(img, (2, 0, 1))  # a view: the caller copies it (copy_chw)
         if check and tuple(img.shape) != self.image_shape:
             raise DataError(f"{self.where}image '{path}' ({self.source} entry {i + 1}) "
                             f"has shape {list(img.shape)} but the first image has "
@@ -547,7 +550,7 @@ class ImageReader(PermutedReader):
         labels = np.asarray([self.images.label(int(i)) for i in records], np.int32)
 
         def one(k: int) -> None:
-            data[k] = self.images.load(int(records[k]))
+            copy_chw(data[k], self.images.load(int(records[k])))
 
         self.pool.run(one, len(records))
         return {self.tops[0]: self._cast(self.tops[0], data),
@@ -726,7 +729,7 @@ class HDF5Reader(BatchReader):
 
     def load_all(self):
         files = [self.h5.load(p) for p, _ in self.files]
-        self.records_read += self.count
+        self.count_read(self.count)
         return {t: self._cast(t, np.concatenate([a[t] for a in files], axis=0)) for t in self.tops}
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from jcaffe._atomic import atomic_dir
 from jcaffe.data.datum import datum_to_array, datum_to_view
+from jcaffe.data.image import copy_chw
 from jcaffe.data.source_base import METADATA_FILE, Source, detect_kind, replaceable
 from jcaffe.errors import DataError
 from jcaffe.proto import caffe_pb2
@@ -95,7 +96,8 @@ class _DatumSource(Source):
 
         def one(i: int) -> None:
             key, value = items[i]
-            data[i], labels[i] = self._decode(int(indices[i]), key, value)
+            arr, labels[i] = self._decode(int(indices[i]), key, value)
+            copy_chw(data[i], arr)
 
         if pool is None:
             for i in range(n):

@@ -391,7 +391,7 @@ class WindowReader(BatchReader):
 
     def batch_at(self, position: int) -> dict[str, np.ndarray]:
         out = self._render_all(self.samples(position))
-        self.records_read += self.batch_size
+        self.count_read(self.batch_size)
         return out
 
     def read_positions(self, positions) -> dict[str, np.ndarray]:
@@ -409,7 +409,7 @@ class WindowReader(BatchReader):
                 drawn[s] = self.samples(s)
             picks.append(drawn[s][int(q) - s])
         out = self._render_all(picks)
-        self.records_read += len(positions)
+        self.count_read(len(positions))
         return out
 
     def _render_all(self, picks: list[WindowSample]) -> dict[str, np.ndarray]:

@@ -12,19 +12,19 @@ and the rate against the worker count in the same run). Threads share the reader
 database and its file handles, need no copies between processes and no shared memory, and
 keep decode errors as ordinary exceptions that name their record.
 
-Order and determinism. :meth:`DecodePool.run` splits ``n`` records into contiguous pieces,
-decodes each piece in record order on some worker, and writes every record into its own slot
-of an array the caller allocated: batch ``i`` holds the same records, bit for bit, whatever the
-worker count (which worker decodes a record changes nothing it computes). When records fail,
-the error raised is the one of the first failing record in record order, the same message a
-single worker gives.
+Order and determinism. :meth:`DecodePool.run` has the workers claim records one at a time
+and each decoded record written into its own slot of an array the caller allocated: batch
+``i`` holds the same records, bit for bit, whatever the worker count (which worker decodes a
+record changes nothing it computes). When records fail, the error raised is the one of the
+first failing record in record order, the same message a single worker gives.
 
-Overlap and bounded memory. A reader with several workers decodes the next batch while its
-caller (the prefetch thread of ``jcaffe.data.feed``) puts the current one on the device
-(:class:`ReadAhead`: one batch, on its own thread, started when a batch is handed out, and
-dropped by ``seek``). Work is submitted one batch at a time; the pool holds no queue of its
-own beyond that batch's pieces, so host memory stays at ``prefetch`` finished batches, the one
-being put on the device and the one being decoded.
+Overlap and bounded memory. A reader with several workers decodes the next
+``READ_AHEAD_BATCHES`` batches while its caller (the prefetch thread of ``jcaffe.data.feed``)
+puts the current one on the device (:class:`ReadAhead`, dropped by ``seek``): their records
+wait on the workers' queue behind the current batch's, so no worker idles between batches
+(one batch ahead left a worker idle at each batch's end and while the caller took the
+batch). Host memory stays at ``prefetch`` finished batches, the one being put on the device
+and ``READ_AHEAD_BATCHES`` being decoded.
 
 The worker count. ``workers=None`` (or 0) is the number of cores this process may run on
 (``os.sched_getaffinity``), Caffe's users' machines having many; ``workers=1`` decodes in the
@@ -34,6 +34,7 @@ sets it with ``--decode_workers N`` (or ``JCAFFE_DECODE_WORKERS``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,7 +44,7 @@ from jcaffe.errors import DataError
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
-PIECES_PER_WORKER = 4  # pieces per worker and batch: balance against per-task overhead
+READ_AHEAD_BATCHES = 2  # batches a reader with several workers decodes ahead
 
 
 def available_cores() -> int:
@@ -84,9 +85,12 @@ class DecodePool:
     def run(self, fn: Callable[[int], None], n: int) -> None:
         """Calls ``fn(i)`` for every ``i`` in ``[0, n)``; returns when all are done.
 
-        ``fn`` stores its result itself (into slot ``i`` of the caller's arrays). Pieces of
-        consecutive ``i`` run in order on one worker; with one worker (or one record) all run
-        in the calling thread. The first failure in ``i`` order is raised."""
+        ``fn`` stores its result itself (into slot ``i`` of the caller's arrays). Each of
+        ``min(workers, n)`` tasks claims the next unclaimed ``i`` until none is left, so the
+        workers finish a batch together (within one record) whatever each record costs; with
+        one worker (or one record) all run in the calling thread, in order. When records
+        fail, every record is still tried and the failure of the lowest ``i`` is raised: the
+        error one worker, going in order, would have met first."""
         n = int(n)
         if n <= 0:
             return
@@ -94,64 +98,82 @@ class DecodePool:
             for i in range(n):
                 fn(i)
             return
-        pieces = min(n, self.workers * PIECES_PER_WORKER)
-        bounds = [n * k // pieces for k in range(pieces + 1)]
+        claim = itertools.count()  # next() on it is atomic under the GIL
+        failures: dict[int, BaseException] = {}
 
-        def piece(k: int) -> None:
-            for i in range(bounds[k], bounds[k + 1]):
-                fn(i)
+        def task() -> None:
+            while True:
+                i = next(claim)
+                if i >= n:
+                    return
+                try:
+                    fn(i)
+                except BaseException as e:  # noqa: BLE001  (re-raised below, unchanged)
+                    failures[i] = e
 
         ex = _shared_executor(self.workers)
-        futures = [ex.submit(piece, k) for k in range(pieces)]
-        first: BaseException | None = None
-        for f in futures:  # in piece order: the first failing piece holds the first failure
-            try:
-                f.result()
-            except BaseException as e:  # noqa: BLE001  (re-raised below, unchanged)
-                if first is None:
-                    first = e
-        if first is not None:
-            raise first
+        for f in [ex.submit(task) for _ in range(min(self.workers, n))]:
+            f.result()
+        if failures:
+            raise failures[min(failures)]
 
     def __repr__(self) -> str:
         return f"<DecodePool workers={self.workers}>"
 
 
 class ReadAhead:
-    """One value computed ahead on its own thread, handed out if asked for under its key.
+    """The batches after the one handed out, computed ahead on their own threads.
 
-    ``start(key, fn)`` runs ``fn()`` in the background (after dropping any earlier one);
-    ``take(key, fn)`` returns that value when ``key`` matches (re-raising its exception, so
-    an error surfaces for the batch it belongs to), else drops it and returns ``fn()``.
-    ``cancel()`` waits for a running one and drops it; ``close()`` also ends the thread. The
-    thread is made on first use and kept (one per reader), not made per batch."""
+    ``next(position, step, batch_at, ahead)`` returns ``batch_at(position)``: the batch
+    computed ahead for that position if there is one (re-raising its exception, so an error
+    surfaces for the batch it belongs to), else computed now (after dropping any others).
+    With ``ahead`` it then has the ``depth`` following batches, at ``position + k·step``,
+    computed in the background, in order: their records queue on the decode workers behind
+    the current batch's, so the workers go from one batch to the next without waiting for
+    the caller. ``cancel()`` drops them all once they are done; ``close()`` also
+    ends the threads, made on first use and kept (``depth`` per reader)."""
 
-    def __init__(self):
-        self._key = None
-        self._future: Future | None = None
+    def __init__(self, depth: int = READ_AHEAD_BATCHES):
+        self.depth = max(1, int(depth))
+        self._futures: dict[int, Future] = {}  # position -> batch, in position order
         self._executor: ThreadPoolExecutor | None = None
 
-    def start(self, key, fn: Callable[[], object]) -> None:
-        self.cancel()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="jcaffe-read-ahead")
-        self._key, self._future = key, self._executor.submit(fn)
+    def next(self, position: int, step: int, batch_at: Callable[[int], object],
+             ahead: bool = True):
+        future = self._futures.pop(position, None)
+        if future is None:
+            self.cancel()
+            out = batch_at(position)
+            if ahead:
+                self._fill(position, step, batch_at)
+            return out
+        if ahead:
+            self._fill(position, step, batch_at)
+        return future.result()  # raises the batch's own error
 
-    def take(self, key, fn: Callable[[], object]):
-        if self._future is not None and self._key == key:
-            future = self._future
-            self._future, self._key = None, None
-            return future.result()  # raises the batch's own error
-        self.cancel()
-        return fn()
+    def _fill(self, position: int, step: int, batch_at) -> None:
+        want = [position + k * step for k in range(1, self.depth + 1)]
+        for key in [k for k in self._futures if k not in want]:
+            self._drop(self._futures.pop(key))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.depth,
+                                                thread_name_prefix="jcaffe-read-ahead")
+        for key in want:
+            if key not in self._futures:
+                self._futures[key] = self._executor.submit(batch_at, key)
+
+    @staticmethod
+    def _drop(future: Future) -> None:
+        # Waited for, not cancelled: what a reader has read stays the same from run to run.
+        try:
+            future.result()
+        except BaseException:  # noqa: BLE001  (the dropped batch's error is not ours)
+            pass
 
     def cancel(self) -> None:
-        if self._future is not None:
-            try:
-                self._future.result()
-            except BaseException:  # noqa: BLE001  (the dropped batch's error is not ours)
-                pass
-        self._future, self._key = None, None
+        futures, self._futures = list(self._futures.values()), {}
+        for f in futures:
+            self._drop(f)
 
     def close(self) -> None:
         self.cancel()
@@ -160,4 +182,5 @@ class ReadAhead:
             self._executor = None
 
 
-__all__ = ["DecodePool", "ReadAhead", "available_cores", "resolve_workers", "PIECES_PER_WORKER"]
+__all__ = ["DecodePool", "ReadAhead", "available_cores", "resolve_workers",
+           "READ_AHEAD_BATCHES"]
