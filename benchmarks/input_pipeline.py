@@ -16,7 +16,10 @@ with an ``ImageData`` list. Then, in one run:
    (``crop_size``/``mirror``/mean values as AlexNet's; the prefetching feeder, read ahead,
    decoded on W workers, put on the device) for each worker count W (default 1, 2, ... the
    cores available), with the ratios the targets name: W=1 against the decoder's single-core
-   rate (target >= 0.8), W workers against W x that rate (target >= 0.7, up to the cores);
+   rate (target >= 0.8), W workers against W x that rate (target >= 0.7, up to the cores).
+   Each row alternates ``--rounds`` windows of the decoder alone and of the pipeline, and
+   takes each round's ratio of its two windows (the median is the row's): a shared machine's
+   speed drifts within minutes, two windows a second apart see the same machine;
 3. **two processes**: two processes on this host, each owning one of 2 devices, read the
    same LMDB as a 2-device run does (``jcaffe.data.readers.ShardReader``, what a multi-process
    run uses), with half the cores each: how many records each decodes (target: half of those
@@ -119,7 +122,8 @@ def make_data(root: str, records: int, size: int) -> tuple[str, str, list[bytes]
 
 # -- measurements -------------------------------------------------------------------------------
 def decoder_rate(jpegs: list[bytes], seconds: float, pillow: bool = False) -> float:
-    """Images/s of the decoder alone on one thread (``decode_image``, or Pillow's path)."""
+    """Images/s of the decoder alone on one thread (``decode_image``, or Pillow's path),
+    cycling through the same records the pipeline reads."""
     from jcaffe.data.image import decode_image, decode_image_pillow
 
     if pillow:
@@ -127,9 +131,9 @@ def decoder_rate(jpegs: list[bytes], seconds: float, pillow: bool = False) -> fl
     decode_image(jpegs[0], None)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for data in jpegs[:64]:
+        for data in jpegs[n % len(jpegs):][:32]:
             decode_image(data, None)
-        n += min(64, len(jpegs))
+            n += 1
     return n / (time.perf_counter() - t0)
 
 
@@ -160,33 +164,66 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def pipeline_rate(layer, seconds: float) -> tuple[float, float]:
-    """Records/s through the prefetching feeder (read, decode on the workers, device_put),
-    and the process's CPU milliseconds per record meanwhile (a busy machine lowers the rate
-    but not this: equal figures across worker counts mean the threads cost no extra work)."""
+def wait_idle(feeder, timeout: float = 30.0) -> None:
+    """Until the feeder has read ahead all it may (its queue is full, so its thread and the
+    decode workers are idle, the batch read ahead by the reader finished)."""
+    t0 = time.perf_counter()
+    while feeder.waiting < feeder.prefetch and time.perf_counter() - t0 < timeout:
+        time.sleep(0.01)
+    time.sleep(0.1)
+
+
+def pipeline_rounds(layer, jpegs: list[bytes], window: float, rounds: int) -> dict:
+    """The pipeline's rate measured side by side with the decoder's: ``rounds`` times, a
+    ``window`` of the decoder alone on one thread (the pipeline idle), then a ``window`` of
+    records/s through the prefetching feeder (read, decode on the workers, device_put) once
+    the batches it had read ahead are taken (so the window times production, not the queue),
+    with the process's CPU milliseconds per record meanwhile (which a busy machine does not
+    inflate: equal figures across worker counts mean the threads cost no extra work).
+    Returns the medians and each round's pipeline/decoder ratio: the machine's speed drifts by
+    tens of percent within minutes, a round's two windows share its speed."""
+    import statistics
+
     import jax
 
     from jcaffe.data.feed import PrefetchFeeder
 
+    rates, decs, cpus = [], [], []
     with layer.make_reader(seed=0) as reader, PrefetchFeeder(reader) as feeder:
         # Warm up: new threads pay one-off costs (the decoders' per-thread set-up) for a few
         # batches; measure after them.
         t0, k = time.perf_counter(), 0
-        while k < 3 or time.perf_counter() - t0 < min(1.0, seconds / 2):
+        while k < 3 or time.perf_counter() - t0 < min(1.0, window):
             jax.block_until_ready(next(feeder))
             k += 1
-        n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
-        while time.perf_counter() - t0 < seconds or n < 2:
+        for _ in range(rounds):
+            wait_idle(feeder)
+            decs.append(decoder_rate(jpegs, window))
+            while feeder.waiting:  # take what was read ahead, and the batch in flight
+                jax.block_until_ready(next(feeder))
             jax.block_until_ready(next(feeder))
-            n += 1
-        records = n * layer.batch_size
-        return records / (time.perf_counter() - t0), (cpu_seconds() - c0) / records * 1e3
+            n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
+            while time.perf_counter() - t0 < window or n < 2:
+                jax.block_until_ready(next(feeder))
+                n += 1
+            records = n * layer.batch_size
+            rates.append(records / (time.perf_counter() - t0))
+            cpus.append((cpu_seconds() - c0) / records * 1e3)
+    w = reader.workers
+    ratios = [r / (w * d) for r, d in zip(rates, decs)]
+    return {"records_per_s": statistics.median(rates), "decoder_per_s": statistics.median(decs),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios), "rounds": [{"records_per_s": r, "decoder_per_s": d}
+                                                 for r, d in zip(rates, decs)],
+            "cpu_ms_per_record": statistics.median(cpus)}
 
 
 def shard_child(kind_source: str, root: str, batch: int, crop: int, workers: int,
                 process: int, batches: int) -> dict:
     """One of two processes: process ``process`` of a 2-device run reads its device's
-    records of ``batches`` global batches through the prefetching feeder."""
+    records of ``batches`` global batches through the prefetching feeder. It says ``ready``
+    once set up (imports, reader, a first batch, the queue filled) and starts timing when
+    the parent writes a line, so that the two processes' windows coincide."""
     import jax
 
     from jcaffe.data.feed import PrefetchFeeder
@@ -196,13 +233,20 @@ def shard_child(kind_source: str, root: str, batch: int, crop: int, workers: int
     shard = ShardReader(layer.make_reader(seed=0), 2, [process])
     with shard, PrefetchFeeder(shard) as feeder:
         jax.block_until_ready(next(feeder))
+        taken = 1
+        wait_idle(feeder)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        while feeder.waiting:  # what was read ahead while waiting is not timed
+            jax.block_until_ready(next(feeder))
+            taken += 1
         t0 = time.perf_counter()
-        for _ in range(batches - 1):
+        for _ in range(batches):
             jax.block_until_ready(next(feeder))
         seconds = time.perf_counter() - t0
     return {"process": process, "decoded": shard.records_read,
-            "consumed_global": batches * 2 * batch,
-            "records_per_s": (batches - 1) * batch / seconds}
+            "consumed_global": (taken + batches) * 2 * batch,
+            "records_per_s": batches * batch / seconds}
 
 
 def two_processes(lmdb_path: str, root: str, batch: int, crop: int, workers: int,
@@ -212,14 +256,26 @@ def two_processes(lmdb_path: str, root: str, batch: int, crop: int, workers: int
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child_shard",
                                json.dumps([lmdb_path, root, batch, crop, workers, p, batches])],
-                              env=env, stdout=subprocess.PIPE, text=True) for p in range(2)]
-    out = []
-    for p in procs:
-        text, _ = p.communicate(timeout=600)
-        if p.returncode != 0:
-            raise RuntimeError(f"a two-process child failed (exit {p.returncode})")
-        out.append(json.loads(text.strip().splitlines()[-1]))
-    return out
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for p in range(2)]
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a two-process child failed to start")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        out = []
+        for p in procs:
+            text, _ = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise RuntimeError(f"a two-process child failed (exit {p.returncode})")
+            out.append(json.loads(text.strip().splitlines()[-1]))
+        return out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 def step_times(net_text: str, workers: int, steps: int) -> dict:
@@ -285,15 +341,18 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="batch_size (64; ImageNet: 256)")
     ap.add_argument("--workers", default="", help="comma-separated worker counts "
                     f"(default 1..{cores}, the cores available)")
-    ap.add_argument("--seconds", type=float, default=2.0, help="per measurement (2)")
+    ap.add_argument("--seconds", type=float, default=1.0,
+                    help="per measurement window (1)")
+    ap.add_argument("--rounds", type=int, default=5, help="decoder/pipeline window pairs "
+                    "per row (5)")
     ap.add_argument("--net", default="", help="a train prototxt whose first data layer is "
                     "the one measured (its source is replaced by the benchmark's LMDB); "
                     "default: AlexNet's first stage")
     ap.add_argument("--steps", type=int, default=3, help="timed train steps (3)")
     ap.add_argument("--no_step", action="store_true", help="skip the starvation check")
     ap.add_argument("--no_processes", action="store_true", help="skip the two-process run")
-    ap.add_argument("--process_batches", type=int, default=8,
-                    help="global batches each of the two processes reads (8)")
+    ap.add_argument("--process_batches", type=int, default=32,
+                    help="global batches each of the two processes times (32)")
     ap.add_argument("--child_shard", default="", help=argparse.SUPPRESS)
     ap.add_argument("--data", default="", help="keep the generated data here (reused)")
     ap.add_argument("--json", default="", help="write the results to this file")
@@ -321,22 +380,27 @@ def main(argv=None) -> int:
         print(f"decoder (decode_image, 1 thread): {single:.0f} images/s; Pillow alone: "
               f"{pillow:.0f} images/s", flush=True)
         rows = []
-        print("| source | workers | records/s | / (W x decoder) | CPU ms / record |")
-        print("|---|---:|---:|---:|---:|")
+        print(f"each row: {args.rounds} rounds of {args.seconds:.1f} s of the decoder alone, "
+              f"then {args.seconds:.1f} s of the pipeline; medians, and the ratio's range")
+        print("| source | workers | records/s | decoder, 1 thread | / (W x decoder) | "
+              "CPU ms / record |")
+        print("|---|---:|---:|---:|---:|---:|")
         for kind, source in (("lmdb", lmdb_path), ("images", list_path)):
             for w in workers:
-                rate, cpu_ms = pipeline_rate(
-                    data_layer(kind, source, root, args.batch, args.crop, w), args.seconds)
-                rows.append({"source": kind, "workers": w, "records_per_s": rate,
-                             "ratio": rate / (w * single), "cpu_ms_per_record": cpu_ms})
+                m = pipeline_rounds(data_layer(kind, source, root, args.batch, args.crop, w),
+                                    jpegs, args.seconds, args.rounds)
+                rows.append({"source": kind, "workers": w, **m})
                 name = "Data (LMDB, encoded)" if kind == "lmdb" else "ImageData (list)"
-                print(f"| {name} | {w} | {rate:.0f} | {rate / (w * single):.2f} | "
-                      f"{cpu_ms:.2f} |", flush=True)
+                print(f"| {name} | {w} | {m['records_per_s']:.0f} | {m['decoder_per_s']:.0f} | "
+                      f"{m['ratio']:.2f} ({m['ratio_min']:.2f}-{m['ratio_max']:.2f}) | "
+                      f"{m['cpu_ms_per_record']:.2f} |", flush=True)
         result["pipeline"] = rows
         if not args.no_processes:
             half = max(1, cores // 2)
+            before = decoder_rate(jpegs, args.seconds)
             procs = two_processes(lmdb_path, root, args.batch, args.crop, half,
                                   args.process_batches)
+            dec = (before + decoder_rate(jpegs, args.seconds)) / 2
             result["two_processes"] = procs
             total = sum(p["decoded"] for p in procs)
             for p in procs:
@@ -345,8 +409,11 @@ def main(argv=None) -> int:
                       f"({p['decoded'] / total:.2f}; the run consumed {p['consumed_global']}, "
                       f"the rest was read ahead), {p['records_per_s']:.0f} records/s",
                       flush=True)
-            print(f"two processes together: "
-                  f"{sum(p['records_per_s'] for p in procs):.0f} records/s", flush=True)
+            together = sum(p["records_per_s"] for p in procs)
+            result["two_processes_decoder_per_s"] = dec
+            print(f"two processes together: {together:.0f} records/s, "
+                  f"{together / (2 * half * dec):.2f} x {2 * half} x the decoder's 1-thread "
+                  f"rate ({dec:.0f}/s, measured just before and after)", flush=True)
         if not args.no_step:
             if args.net:
                 from jcaffe import prototxt

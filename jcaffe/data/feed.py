@@ -156,6 +156,11 @@ class PrefetchFeeder:
     def position(self) -> int:
         return self._position
 
+    @property
+    def waiting(self) -> int:
+        """Batches read ahead and waiting for ``next()`` (at most ``prefetch``)."""
+        return self._queue.qsize() if self._thread is not None else 0
+
     def seek(self, position: int) -> None:
         """Drops the batches read ahead and restarts the stream at ``position``."""
         self._halt()
