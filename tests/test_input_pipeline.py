@@ -459,3 +459,32 @@ def test_copy_chw_stores_the_image_transposed(channels):
     with pytest.raises(ValueError, match="does not fit"):
         copy_chw(slot, np.transpose(hwc, (2, 0, 1)))
     assert not slot.any()
+
+
+def test_decode_pool_runs_every_record_once_and_raises_the_first_failure_in_record_order():
+    """Every index is run exactly once on the workers; when several fail, the lowest index's
+    error is raised even when a later one fails first in time (record 2 fails at once, record
+    1 only after a pause), as one worker going in order would have met it."""
+    import threading
+    import time
+
+    from jcaffe.data.workers import DecodePool
+
+    seen, lock = [], threading.Lock()
+
+    def fn(i):
+        with lock:
+            seen.append(i)
+
+    DecodePool(3).run(fn, 50)
+    assert sorted(seen) == list(range(50))
+
+    def failing(i):
+        if i == 1:
+            time.sleep(0.05)
+            raise DataError("record 1 is bad")
+        if i == 2:
+            raise DataError("record 2 is bad")
+
+    with pytest.raises(DataError, match="record 1 is bad"):
+        DecodePool(2).run(failing, 8)
