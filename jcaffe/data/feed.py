@@ -216,7 +216,7 @@ class DeviceResident:
     devices (``local``: their mesh ranks) with ``reader.read_positions`` and fills only their
     pieces. When N does not divide C a device's records change from pass to pass (record
     ``(c0 + r + N·j) mod C`` runs through every residue class), so the dataset stays
-    replicated.
+    replicated. ``nbytes``: what one device holds.
     """
 
     def __init__(self, source, device: Any = None, *, seed: int | None = None,

@@ -65,7 +65,7 @@ class NetFeed:
     ``local``: the mesh ranks whose records this process reads (default: those of its own
     devices); fewer than ``ranks`` makes the host-fed path read only those. ``own``: the
     mesh ranks of this process's devices (a device-resident copy split over the devices
-    holds theirs); ``own[0]`` is the device whose batch ``root_batch`` cuts."""
+    holds theirs); ``own[0]``'s batch is the one ``Solver.batch`` returns."""
 
     def __init__(self, net, placement: Any, on_device: bool | None, seeds, *, ranks: int = 1,
                  local=None):
