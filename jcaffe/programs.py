@@ -10,7 +10,8 @@ Built once a solver's batches exist (``jcaffe.data.netfeed.NetFeed``, one per ne
   gives bit-identical weights. With ``iters_per_call == 1`` (nets whose layers must not run
   inside a loop, ``Net.scan_ok``) a chunk is the step alone.
 * on N devices the same programs run under ``shard_map`` over a one-axis mesh
-  (``jcaffe.parallel``): state replicated, host batches split over the devices.
+  (``jcaffe.parallel``): state replicated, host batches split over the devices, a
+  device-resident dataset replicated or split (``NetFeed.array_specs``).
 * a test pass sums test net ``i``'s outputs and loss over ``test_iter`` batches (a
   ``lax.scan`` over device-resident batches, else one dispatch per batch), on the root device;
   the outputs of DetectionEvaluate layers are kept batch by batch instead (the SSD fork's
@@ -75,7 +76,8 @@ class Programs:
         # The end-of-training display and debug_info, on the root device's share of a batch.
         self.forward_loss = jax.jit(lambda p, b, k: probe(p, b, k)[0])
         self.probe = jax.jit(jax.value_and_grad(probe, has_aux=True))
-        self.batch_at = jax.jit(lambda arrays, b: train.batch_at(arrays, b, 0))
+        # Device `rank`'s batch from what that device holds (NetFeed.root_arrays).
+        self.batch_at = jax.jit(lambda arrays, b, rank: train.batch_at(arrays, b, rank))
 
     # -- train chunks ------------------------------------------------------------------------
     def _train_fns(self, step) -> None:
@@ -119,7 +121,9 @@ class Programs:
 
         if mesh is not None:
             batch_axis = 2 if iter_size > 1 else 1
-            resident = jax.shard_map(resident, mesh=mesh, in_specs=(P(), P(), P()),
+            # Device-resident arrays: replicated, or split so each device gets its own records.
+            arrays_spec = feed.array_specs() if feed.on_device else P()
+            resident = jax.shard_map(resident, mesh=mesh, in_specs=(P(), arrays_spec, P()),
                                      out_specs=(P(), P()), check_vma=False)
             host = jax.shard_map(host, mesh=mesh,
                                  in_specs=(P(), P(*([None] * batch_axis + ["data"])), P()),

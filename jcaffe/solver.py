@@ -171,7 +171,9 @@ class Solver(SolverInit):
         self._setup_feeds()
         feed = self._feeds["train"]
         if feed.on_device:
-            batch = self._programs.batch_at(parallel.root_view(feed.arrays), jnp.int32(b))
+            # Cut from what the root device (this process's first) holds.
+            batch = self._programs.batch_at(feed.root_arrays(), jnp.int32(b),
+                                            jnp.int32(feed.own[0]))
             return {k: np.asarray(v) for k, v in jax.device_get(batch).items()}
         # The root device's share of the global batch (block 0).
         return {k: np.asarray(v)[: np.asarray(v).shape[0] // feed.host_blocks]

@@ -205,3 +205,144 @@ def test_shuffled_sources_stay_on_the_host(tmp_path, monkeypatch):
         assert next(f)["data"].shape == (2, 2)
     with pytest.raises(DataError, match="shuffled"):
         choose_feeder(h5, seed=0, on_device=True)
+
+
+# -- a device-resident dataset split over the devices ---------------------------------------
+# The conftest gives this process 4 CPU devices. Record i of these sources stores the value i
+# (data and label), so a batch's labels are its record numbers.
+
+SPLIT_NET = """
+name: "split"
+layer {{ name: "d" type: "Data" top: "data" top: "label"
+  data_param {{ source: "{src}" batch_size: {batch} {extra} }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param {{ num_output: {classes} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+"""
+
+
+def counting_net(tmp_path, count, batch, extra="", labels=None):
+    """A net whose Data layer reads ``count`` records, record i holding value i (label i
+    unless ``labels`` are given)."""
+    from google.protobuf import text_format
+
+    from jcaffe.net import Net
+
+    src = write_lmdb(tmp_path / f"db{count}", np.arange(count, dtype=np.uint8)
+                     .reshape(count, 1, 1, 1), np.arange(count) if labels is None else labels)
+    text = SPLIT_NET.format(src=src, batch=batch, extra=extra, classes=count)
+    return Net(text_format.Parse(text, caffe_pb2.NetParameter()), "TRAIN", verbose=False)
+
+
+def cut_batches(feed, mesh, batches):
+    """Labels ``[batches, N, B]``: device r's batch b as the train program cuts it (the arrays
+    passed with ``feed.array_specs()``, device r at ``axis_index``)."""
+    from jcaffe import parallel
+
+    P = jax.sharding.PartitionSpec
+
+    def cut(arrays, b):
+        r = jax.lax.axis_index(parallel.DATA_AXIS)
+        return feed.batch_at(arrays, b, r)["label"][None]
+
+    fn = jax.jit(jax.shard_map(cut, mesh=mesh, in_specs=(feed.array_specs(), P()),
+                               out_specs=P(parallel.DATA_AXIS), check_vma=False))
+    return np.stack([np.asarray(fn(feed.arrays, jnp.int32(b))) for b in range(batches)])
+
+
+def hand_records(c0, n, count, batch, batches):
+    """Caffe's rule by hand: device r's i-th record of global batch b."""
+    return np.array([[[(c0 + r + n * (b * batch + i)) % count for i in range(batch)]
+                      for r in range(n)] for b in range(batches)])
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_split_device_resident_holds_and_cuts_each_devices_records(tmp_path, monkeypatch, n):
+    """12 records, batch 5 per device, a rand_skip start: each of N devices holds exactly its
+    12/N records (c0 + r + N·k) mod 12, the loader read each record once, and device r's
+    batches over several passes are records (c0 + r + N·(5b + i)) mod 12."""
+    import jcaffe.data.sources as sources_mod
+    from jcaffe import parallel
+    from jcaffe.data.netfeed import NetFeed
+
+    count, batch, batches = 12, 5, 7  # N·B·7 = 70 or 140 records: 5 to 11 passes
+    asked = []
+    inner = sources_mod._DatumSource.read_records
+
+    def counted(self, records, pool=None):
+        asked.extend(int(x) for x in records)
+        return inner(self, records, pool)
+
+    monkeypatch.setattr(sources_mod._DatumSource, "read_records", counted)
+    net = counting_net(tmp_path, count, batch, "rand_skip: 11")
+    with net.data_layers[0].make_reader(seed=4) as reader:
+        c0 = int(reader.next_batch()["label"][0])  # the stream's first record
+    assert c0 != 0
+    mesh = parallel.make_mesh(jax.devices("cpu")[:n])
+    asked.clear()
+    feed = NetFeed(net, parallel.replicated(mesh), True, [4], ranks=n)
+    f = feed.feeders[0]
+    assert feed.on_device and f.sharded and f.cursor0 == c0
+    # Each device holds its C/N records, no more.
+    for top, record_shape in (("data", (1, 1, 1)), ("label", ())):
+        shards = feed.arrays[0][top].addressable_shards
+        assert len(shards) == n
+        for s in shards:
+            assert s.data.shape == (1, count // n) + record_shape
+            r = list(mesh.devices.flat).index(s.device)
+            want = [(c0 + r + n * k) % count for k in range(count // n)]
+            assert sorted(np.asarray(s.data).reshape(-1).tolist()) == sorted(want)
+    # Read once each, device by device (one process holds them all here).
+    assert asked == [x for r in range(n) for x in sorted((c0 + r + n * k) % count
+                                                          for k in range(count // n))]
+    np.testing.assert_array_equal(cut_batches(feed, mesh, batches),
+                                  hand_records(c0, n, count, batch, batches))
+    # The global arrays also give the plain stream, batch k = records (c0 + 5k + i) mod 12.
+    for k in range(4):
+        np.testing.assert_array_equal(np.asarray(next(f)["label"]),
+                                      (c0 + k * batch + np.arange(batch)) % count)
+
+
+def test_split_layout_falls_back_to_replicated_when_n_does_not_divide_the_count(tmp_path):
+    """7 records on 2 devices: a device's records change residue class from pass to pass, so
+    every device holds all 7 (one INFO line says why), and batches still follow the rule."""
+    import logging
+
+    from jcaffe import parallel
+    from jcaffe.data.netfeed import NetFeed
+
+    net = counting_net(tmp_path, 7, 3, "rand_skip: 6")
+    with net.data_layers[0].make_reader(seed=1) as reader:
+        c0 = int(reader.next_batch()["label"][0])
+    mesh = parallel.make_mesh(jax.devices("cpu")[:2])
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("jcaffe.data")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        feed = NetFeed(net, parallel.replicated(mesh), True, [1], ranks=2)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    assert not feed.feeders[0].sharded
+    assert any("7 records do not split evenly over 2 devices" in m for m in lines), lines
+    assert [s.data.shape[0] for s in feed.arrays[0]["label"].addressable_shards] == [7, 7]
+    np.testing.assert_array_equal(cut_batches(feed, mesh, 6), hand_records(c0, 2, 7, 3, 6))
+
+
+def test_split_layout_checks_each_devices_labels_and_names_the_record(tmp_path):
+    """A label out of range in device 1's share is found when the shares are loaded, and the
+    error names the dataset record."""
+    from jcaffe import parallel
+    from jcaffe.data.netfeed import NetFeed
+    from jcaffe.errors import DataError
+
+    labels = np.arange(8) % 8
+    labels[5] = 200  # num_output 8: classes 0..7
+    net = counting_net(tmp_path, 8, 2, labels=labels)
+    mesh = parallel.make_mesh(jax.devices("cpu")[:2])
+    with pytest.raises(DataError, match=r"record 5: label 200 is out of range"):
+        NetFeed(net, parallel.replicated(mesh), True, [0], ranks=2)

@@ -273,10 +273,13 @@ sys.exit(rc)
 """
 
 
-def test_two_processes_each_read_half_and_train_as_one(tmp_path):
-    """2 processes × 1 device, host-fed from an encoded LMDB (96 records, batch 4 per device):
-    process p is asked only for records 8k + p + 2i, in order, and the run ends at the weights
-    of one process with 2 devices, which reads every record."""
+@pytest.mark.parametrize("on_device", ["0", "1"], ids=["host-fed", "device-resident"])
+def test_two_processes_each_read_half_and_train_as_one(tmp_path, on_device):
+    """2 processes × 1 device from an encoded LMDB (96 records, batch 4 per device). Host-fed:
+    process p is asked only for records 8k + p + 2i, in order. Device-resident: process p
+    loads once exactly the 48 records p + 2k its device ever reads (Caffe's rule with 2 | 96:
+    device r's records are ≡ r mod 2), and reads nothing more. Both runs end at the weights of
+    one host-fed process with 2 devices, which reads every record."""
     chw = RNG.integers(0, 256, (96, 3, 6, 6), dtype=np.uint8)
     labels = np.arange(96) % 3
     db = tmp_path / "db"
@@ -295,7 +298,7 @@ def test_two_processes_each_read_half_and_train_as_one(tmp_path):
     def start(name, devices, extra, out):
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   JCAFFE_DATA_ON_DEVICE="0")
+                   JCAFFE_DATA_ON_DEVICE=on_device if name == "multi" else "0")
         return subprocess.Popen(
             [sys.executable, "-c", COUNTING, str(out), "train", "--solver", str(solvers[name]),
              "--cpu", "--devices", "all", "--decode_workers", "2", *extra],
@@ -307,9 +310,11 @@ def test_two_processes_each_read_half_and_train_as_one(tmp_path):
              for p in range(2)]
     procs.append(start("single", 2, [], tmp_path / "single.json"))
     try:
+        errs = []
         for p in procs:
             _, err = p.communicate(timeout=180)
             assert p.returncode == 0, err[-3000:]
+            errs.append(err)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -317,11 +322,16 @@ def test_two_processes_each_read_half_and_train_as_one(tmp_path):
                 p.communicate()
     seen = [json.loads((tmp_path / f"p{p}.json").read_text()) for p in range(2)]
     for p in range(2):
+        if on_device == "1":
+            assert seen[p] == list(range(p, 96, 2)), seen[p]
+            continue
         # Its own records only, each once; at least the 4 iterations' worth (read-ahead and
         # the final display may take a batch or two more; batches read ahead run side by
         # side, so in any order).
         assert sorted(seen[p]) == list(range(p, 2 * len(seen[p]), 2)), seen[p]
         assert len(seen[p]) >= 4 * 4
+    if on_device == "1":
+        assert "dataset split over 2 devices, 1/2 on each" in errs[0]
     whole = json.loads((tmp_path / "single.json").read_text())
     assert sorted(whole) == list(range(len(whole))) and len(whole) >= 4 * 8
 

@@ -126,6 +126,8 @@ def test_four_devices_batch_16_equal_one_device_batch_64(runs):
     assert rel_diff(small, one) > 1e-2          # the per-device batch alone differs
     # The logs say so, and the test pass (on the root device, as Caffe) gives the same figures.
     assert "Data parallel on 4 devices" in logs["four"]
+    # 2 000 records over 4 devices: each holds its 500 (netfeed's split layout).
+    assert "layer 'mnist': dataset split over 4 devices, 1/4 on each" in logs["four"]
     got, want = logged_tests(logs["four"]), logged_tests(logs["one"])
     assert [n for n, _ in got] == [n for n, _ in want] == ["accuracy", "loss"] * 2
     np.testing.assert_allclose([float(v) for _, v in got], [float(v) for _, v in want],
@@ -135,15 +137,17 @@ def test_four_devices_batch_16_equal_one_device_batch_64(runs):
 
 
 def test_resume_data_parallel_and_across_device_counts(runs, lenet):
-    """A data-parallel snapshot resumes bit-exactly on the same device count, and one device
-    with N times the batch continues it to the same weights."""
+    """A data-parallel snapshot resumes bit-exactly on the same device count (the
+    device-resident dataset split over the 4 devices), and one device with N times the batch
+    continues it to the same weights."""
     d, _ = runs
     _, text = lenet
     state = d / "four" / f"snap_iter_{ITERS // 2}.solverstate"
     again = make_solver(d, text, "four_again", 16)
     wider = make_solver(d, text, "one_again", 64)
-    finish([run([str(again), "--devices", "all", "--snapshot", str(state)], 4),
-            run([str(wider), "--snapshot", str(state)], 1)])
+    logs = finish([run([str(again), "--devices", "all", "--snapshot", str(state)], 4),
+                   run([str(wider), "--snapshot", str(state)], 1)])
+    assert "dataset split over 4 devices" in logs[0]  # the resumed run cuts split shares
     full, resumed = weights(d, "four"), weights(d, "four_again")
     for layer in full:
         for x, y in zip(full[layer], resumed[layer]):
@@ -158,8 +162,9 @@ def free_port():
 
 
 def test_two_processes_give_the_weights_of_one(runs, lenet):
-    """2 processes × 2 virtual devices on 127.0.0.1 train as 4 devices in one process; only
-    process 0 writes snapshots and logs at INFO."""
+    """2 processes × 2 virtual devices on 127.0.0.1 train as 4 devices in one process (each
+    holding only its devices' quarters of the device-resident dataset); only process 0 writes
+    snapshots and logs at INFO."""
     d, _ = runs
     _, text = lenet
     solver = make_solver(d, text, "multi", 16)
@@ -175,6 +180,7 @@ def test_two_processes_give_the_weights_of_one(runs, lenet):
     # run of test_four_devices_batch_16_equal_one_device_batch_64).
     assert rel_diff(weights(d, "multi"), weights(d, "four")) <= 1e-3
     assert "Optimization Done" in logs[0] and "Optimization Done" not in logs[1]
+    assert "dataset split over 4 devices" in logs[0]
     assert not list((d / "multi").glob("*.tmp*"))
 
 

@@ -179,3 +179,22 @@ def test_schedule_is_caffes_conditions():
     assert sched.tests_before(9) == 2 and Schedule.of(sp, 0).tests_before(9) == 0
     assert [sched.chunk(i, 14, 100) for i in (0, 3, 4, 5, 12)] == [3, 1, 1, 1, 2]
     assert sched.snapshot_due(10) and not sched.snapshot_due(12)
+
+
+def test_batch_on_two_devices_is_the_root_devices_share_of_the_split_dataset(workdir):
+    """On 2 devices the 64 training records are split (32 on each); ``batch(it)`` is the root
+    device's records of iteration it, Caffe's rule by hand: record (2·(16·it + i)) mod 64."""
+    sp = text_format.Parse(SOLVER, caffe_pb2.SolverParameter())
+    sp.net = str(workdir / "net.prototxt")
+    sp.snapshot_prefix = str(workdir / "two" / "s")
+    s = Solver(sp, devices=jax.devices("cpu")[:2], verbose=False, config=Config())
+    s.step(3)
+    batch = s.batch(3)
+    feed = s._feeds["train"]
+    s.close()
+    assert feed.feeders[0].sharded
+    assert [x.data.shape[:2] for x in feed.arrays[0]["label"].addressable_shards] == [(1, 32)] * 2
+    data, labels = make_data(64, 4)
+    records = (2 * (16 * 3 + np.arange(16))) % 64
+    np.testing.assert_array_equal(batch["label"], labels[records])
+    np.testing.assert_array_equal(batch["data"], data[records])

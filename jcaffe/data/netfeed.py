@@ -6,8 +6,12 @@ the batch a single device with batch N·B would read. Device r of N gets the rec
 offset is r modulo N (Caffe's ``DataLayer`` with ``solver_count`` N and ``solver_rank`` r).
 Both placements give identical batches:
 
-* device-resident: the raw dataset is replicated on the devices once and ``batch_at`` cuts a
-  device's records inside the jitted (and scanned) step;
+* device-resident: the raw dataset is put on the devices once and ``batch_at`` cuts a
+  device's records inside the jitted (and scanned) step. Device r's i-th record of batch b is
+  record ``(c0 + r + N·(b·B + i)) mod C`` (c0: the start cursor, C: the record count): when
+  N divides C that is always one of the C/N records ``≡ c0 + r (mod N)``, so each device
+  holds only those (``jcaffe.data.feed.DeviceResident``'s split layout) and each process
+  reads only its own devices' records; otherwise every device holds the whole dataset;
 * host-fed: prefetching readers deliver the N reader batches of a global batch; ``chunk``
   stacks the global batches of ``n`` iterations (each split over the devices, device r's
   records in block r) for one scanned dispatch.
@@ -59,7 +63,9 @@ class NetFeed:
     ``on_device``: True / False / None (decide by size, ``Config.data_on_device``);
     ``seeds``: one int per data layer (shuffled readers draw their order from it).
     ``local``: the mesh ranks whose records this process reads (default: those of its own
-    devices); fewer than ``ranks`` makes the host-fed path read only those."""
+    devices); fewer than ``ranks`` makes the host-fed path read only those. ``own``: the
+    mesh ranks of this process's devices (a device-resident copy split over the devices
+    holds theirs); ``own[0]``'s batch is the one ``Solver.batch`` returns."""
 
     def __init__(self, net, placement: Any, on_device: bool | None, seeds, *, ranks: int = 1,
                  local=None):
@@ -68,6 +74,7 @@ class NetFeed:
 
         self.ranks = int(ranks)
         self._placement = placement
+        self.own = list(range(self.ranks)) if self.ranks == 1 else local_ranks(placement)
         host_only = self.ranks > 1  # global batches are assembled on the host, then split
         self.local = list(range(self.ranks)) if local is None and self.ranks == 1 else \
             [int(r) for r in (local if local is not None else local_ranks(placement))]
@@ -85,7 +92,7 @@ class NetFeed:
         def make(choice):
             return [feed_mod.choose_feeder(layer, on_device=choice, device=placement,
                                            seed=int(seed), to_device=not host_only,
-                                           wrap=shard)
+                                           wrap=shard, ranks=self.ranks, local=self.own)
                     for layer, seed in zip(net.data_layers, seeds)]
 
         self.feeders = make(on_device)
@@ -103,22 +110,38 @@ class NetFeed:
         self._label_rules = label_rules(net)
         self.layers = list(net.data_layers)
         if self.on_device:
+            # The labels this process holds: every record, or its devices' shares.
             for f, layer, arrays in zip(self.feeders, net.data_layers, self.arrays):
                 for top in f.tops:
-                    if top in self._label_rules:
-                        check_labels(np.asarray(jax.device_get(parallel.root_view(arrays[top]))), 0,
-                                     self._label_rules[top], layer)
+                    if top not in self._label_rules:
+                        continue
+                    for r in (self.own if f.sharded else [self.own[0]]):
+                        held = np.asarray(jax.device_get(f.rank_view({top: arrays[top]}, r)[top]))
+                        check_labels(held, 0, self._label_rules[top], layer,
+                                     positions=f.records_of(r) if f.sharded else None)
 
     # -- device-resident ---------------------------------------------------------------------
     def batch_at(self, arrays, batch_index, rank=0):
         """Device ``rank``'s records of batch ``batch_index`` (traced ints), sliced from the
-        device-resident ``arrays``."""
+        device-resident ``arrays`` (the global arrays, or, inside ``shard_map``, what device
+        ``rank`` holds: ``array_specs``)."""
         out = {}
         n = self.ranks
         for f, a, start in zip(self.feeders, arrays, self._start):
             cursor = batch_position(start, batch_index, n * f.batch_size, rank, f.count)
             out.update(f.batch_at(a, cursor, stride=n))
         return out
+
+    def array_specs(self):
+        """``shard_map`` in_specs of ``arrays``: a split layer's arrays split over the data
+        axis (device r gets its ``[1, S, ...]`` piece), the others replicated."""
+        P = jax.sharding.PartitionSpec
+        return [P(parallel.DATA_AXIS) if f.sharded else P() for f in self.feeders]
+
+    def root_arrays(self):
+        """What device ``own[0]`` (this process's first; the root device on process 0) holds
+        of ``arrays``: ``batch_at(root_arrays(), b, own[0])`` is its batch b."""
+        return [f.rank_view(a, self.own[0]) for f, a in zip(self.feeders, self.arrays)]
 
     # -- host-fed ------------------------------------------------------------------------------
     def _read(self, i: int, position: int):
