@@ -101,14 +101,16 @@ annotated_data_param {{ {sampler} label_map_file: "{labelmap}" }}
 """
 
 
-def build_data(root, transform, sampler="", batch=4, phase="TRAIN"):
+def build_data(root, transform, sampler="", batch=4, phase="TRAIN", workers=None, source=None):
+    from jcaffe.config import DEFAULT
     from jcaffe.net import Net
     from jcaffe.prototxt import parse_net_text
 
-    text = "layer { " + LAYER.format(phase=phase, source=root / "lmdb", batch=batch,
+    text = "layer { " + LAYER.format(phase=phase, source=source or root / "lmdb", batch=batch,
                                      transform=transform, sampler=sampler,
                                      labelmap=root / "labelmap.prototxt") + " }"
-    return Net(parse_net_text(text), phase, verbose=False).layers[0]
+    return Net(parse_net_text(text), phase, verbose=False,
+               config=DEFAULT.replace(decode_workers=workers)).layers[0]
 
 
 def test_annotated_data_resize_mean_and_label_rows(annoset):
@@ -160,6 +162,135 @@ def test_batch_sampler_crops_meet_their_constraint_and_boxes_follow(annoset):
             rows = rows[rows[:, 0] >= 0]
             assert np.all((rows[:, 3:7] >= 0) & (rows[:, 3:7] <= 1))
             assert np.all(rows[:, 5] > rows[:, 3]) and np.all(rows[:, 6] > rows[:, 4])
+
+
+# Every random step on: distortion, expansion, batch sampling, random interpolation, mirror.
+RANDOM = ('mirror: true mean_value: 104 mean_value: 117 mean_value: 123 resize_param { '
+          'resize_mode: WARP height: 24 width: 24 interp_mode: LINEAR interp_mode: AREA '
+          'interp_mode: NEAREST interp_mode: CUBIC } emit_constraint { emit_type: CENTER } '
+          'distort_param { brightness_prob: 0.5 brightness_delta: 32 contrast_prob: 0.5 '
+          'contrast_lower: 0.5 contrast_upper: 1.5 hue_prob: 0.5 hue_delta: 18 '
+          'saturation_prob: 0.5 saturation_lower: 0.5 saturation_upper: 1.5 '
+          'random_order_prob: 0.5 } expand_param { prob: 0.5 max_expand_ratio: 2 }')
+RANDOM_SAMPLER = ('batch_sampler { max_trials: 1 } batch_sampler { sampler { min_scale: 0.3 '
+                  'max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 } sample_constraint '
+                  '{ min_jaccard_overlap: 0.3 } max_sample: 1 max_trials: 50 }')
+
+
+def item_rows(batch, k):
+    """The label rows of item ``k`` (without the item column), in order."""
+    rows = batch["label"].reshape(-1, 8)
+    n = int(np.sum(rows[:, 0] >= 0))
+    assert np.all(rows[n:] == -1)  # the boxes first, in item order, then -1 padding
+    assert np.all(np.diff(rows[:n, 0]) >= 0)
+    return rows[:n][rows[:n, 0] == k, 1:]
+
+
+def test_annotated_batches_are_bit_identical_with_1_and_3_workers(annoset):
+    """Items are transformed on the decode workers; the worker count changes no bit (and the
+    database is read from several threads at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jcaffe.data.annotated import AnnotatedLMDB
+
+    root, _ = annoset
+    got = {}
+    for workers in (1, 3):
+        layer = build_data(root, RANDOM, RANDOM_SAMPLER, workers=workers)
+        with layer.make_reader(seed=7) as r:
+            assert r.workers == workers
+            got[workers] = [r.next_batch() for _ in range(4)]  # 16 items: two passes
+            assert r.records_read >= 16
+    for one, three in zip(got[1], got[3]):
+        for top in ("data", "label"):
+            assert one[top].dtype == three[top].dtype == np.float32
+            assert one[top].shape == three[top].shape
+            assert one[top].tobytes() == three[top].tobytes()
+    want = [v.SerializeToString() for _, v in records(root / "lmdb")]
+    db = AnnotatedLMDB(str(root / "lmdb"), "")
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            assert list(ex.map(lambda i: db.value(i % 8), range(400))) == want * 50
+    finally:
+        db.close()
+
+
+def test_annotated_item_q_is_record_q_transformed_with_the_generator_of_q(annoset):
+    """The documented contract: the item at stream position q is record q % count put through
+    the layer's transform with ``default_rng([seed, 5, q])``, whatever batch it falls in."""
+    from jcaffe.data.annotated import parse_annotated
+
+    root, _ = annoset
+    values = [v.SerializeToString() for _, v in records(root / "lmdb")]
+    layer = build_data(root, RANDOM, RANDOM_SAMPLER, workers=2)
+    seed = 7
+    with layer.make_reader(seed=seed) as r:
+        batches = {p: r.batch_at(p) for p in (2, 5, 10)}  # 5 in both of the first two
+
+    for p, batch in batches.items():
+        for k in range(4):
+            q = p + k
+            item = parse_annotated(values[q % 8], f"record {q % 8}", False, False)
+            x, boxes = layer.transform(np.random.default_rng([seed, 5, q]), item)
+            assert batch["data"][k].tobytes() == x.astype(np.float32).tobytes(), (p, k)
+            want = [[lab, inst, *b, float(d)] for b, lab, inst, d in
+                    zip(boxes.boxes, boxes.labels, boxes.instances, boxes.difficult)]
+            np.testing.assert_array_equal(item_rows(batch, k),
+                                          np.asarray(want, np.float32).reshape(-1, 7))
+    # Position 5 is item 3 of the batch at 2 and item 0 of the batch at 5: the same item.
+    assert batches[2]["data"][3].tobytes() == batches[5]["data"][0].tobytes()
+    np.testing.assert_array_equal(item_rows(batches[2], 3), item_rows(batches[5], 0))
+    # Record 2 at positions 2 and 10 (one pass apart) draws different numbers.
+    assert not np.array_equal(batches[2]["data"][0], batches[10]["data"][0])
+
+
+def test_annotated_shard_reads_its_items_of_the_global_batch(annoset):
+    """ShardReader over 2 devices, this process rank 1: of the global batch at q (8 items)
+    it reads positions q+1, q+3, q+5, q+7 alone, and gets those items of the batches at q
+    and q+4, pixels and boxes, the item column renumbered 0..3."""
+    from jcaffe.data.readers import ShardReader
+
+    root, _ = annoset
+    layer = build_data(root, RANDOM, RANDOM_SAMPLER, workers=2)
+    with ShardReader(layer.make_reader(seed=7), 2, [1]) as shard:
+        whole = {p: shard.reader.batch_at(p) for p in (0, 4, 8, 12)}
+        parts = [shard.next_batch() for _ in range(2)]
+        assert shard.position == 16
+    for g, part in enumerate(parts):
+        q = 8 * g
+        sources = [(whole[q], 1), (whole[q], 3), (whole[q + 4], 1), (whole[q + 4], 3)]
+        assert part["data"].shape == (4, 3, 24, 24)
+        for k, (batch, j) in enumerate(sources):
+            assert part["data"][k].tobytes() == batch["data"][j].tobytes(), (g, k)
+            np.testing.assert_array_equal(item_rows(part, k), item_rows(batch, j))
+        n = int(np.sum(part["label"].reshape(-1, 8)[:, 0] >= 0))
+        assert n == sum(len(item_rows(b, j)) for b, j in sources)
+
+
+def test_annotated_decode_error_names_the_first_failing_record(annoset, tmp_path):
+    """Records 5 and 6 hold truncated PNGs: reading the batch 4..7 fails with one line naming
+    the database, record 5 and its key, the same with 1 and 3 workers."""
+    from jcaffe.data.sources import write_lmdb
+    from jcaffe.errors import DataError
+
+    root, _ = annoset
+    recs = records(root / "lmdb")
+    for bad in (5, 6):
+        recs[bad][1].datum.data = recs[bad][1].datum.data[:40]
+    path = tmp_path / "broken"
+    write_lmdb(str(path), [(k.encode(), v.SerializeToString()) for k, v in recs])
+    messages = []
+    for workers in (1, 3):
+        layer = build_data(root, RANDOM, RANDOM_SAMPLER, workers=workers, source=path)
+        with layer.make_reader(seed=0) as r:
+            r.next_batch()
+            with pytest.raises(DataError) as e:
+                r.next_batch()
+        messages.append(re.sub(r" at 0x[0-9a-f]+", "", str(e.value)))  # Pillow's BytesIO
+    msg = messages[0]
+    assert messages[1] == msg
+    assert "\n" not in msg
+    assert f"{path}: record 5 (key '{recs[5][0]}')" in msg and "cannot decode" in msg, msg
 
 
 def conv(name, bottom, n, stride=1):

@@ -12,11 +12,18 @@ TRAIN, centred in TEST), ``mirror``, ``mean_value`` and ``scale``. Boxes follow 
 (the fork's TransformAnnotation: a box is kept when ``emit_constraint`` holds for it and it
 overlaps the crop, then it is projected into the crop and clipped to [0, 1]).
 
+Random numbers, per item: the item at stream position ``q`` (``jcaffe.data.readers``: record
+``q % count``) draws every random number of its transform, in the order above, from its own
+generator ``numpy.random.default_rng([seed, 5, q])`` (``seed``: the reader's). An item's
+pixels and boxes are therefore a function of ``(seed, q)`` alone: reproducible, resumable
+from any position, the same whichever batch (or process's share of one) the item falls in,
+and the same whatever the number of decode workers, which transform the items of a batch in
+parallel (``jcaffe.data.workers``), each into its own slot.
+
 Differences from the fork: the images stay decoded between the steps (the fork re-encodes
 each distorted / expanded / cropped image as JPEG, a lossy round trip); random numbers come
-from numpy seeded by the reader's seed and the batch position (reproducible, resumable), not
-from Caffe's RNG. Not supported (an error naming the field): ``noise_param``, resize modes
-other than WARP, ``mean_file``.
+from numpy as above, not from Caffe's RNG. Not supported (an error naming the field):
+``noise_param``, resize modes other than WARP, ``mean_file``.
 """
 
 from __future__ import annotations
@@ -216,7 +223,12 @@ def parse_annotated(value: bytes, where: str, force_color: bool, force_gray: boo
 
 
 class AnnotatedTransform:
-    """The fork's annotated DataTransformer steps for one layer (see the module doc)."""
+    """The fork's annotated DataTransformer steps for one layer (see the module doc).
+
+    ``transform(rng, item)`` returns ``(float32 [C, H, W], Item)``; every random number comes
+    from ``rng``. The object holds only its parameters, set here and never changed, and each
+    call builds new arrays and Items (the input item is not modified), so several threads may
+    transform items with one object at once."""
 
     def __init__(self, tp, samplers: Sequence, train: bool, where: str):
         self.where = where
@@ -416,8 +428,19 @@ class AnnotatedLMDB:
         return len(self.keys)
 
     def value(self, i: int) -> bytes:
-        with self.env.begin() as txn:
-            return txn.get(self.keys[i])
+        """Record ``i``'s stored bytes, in a read transaction of its own. Safe from several
+        threads at once: the environment is opened read-only with ``lock=False``
+        (``jcaffe.data.sources``: no reader table, so no ``max_readers`` bound), and py-lmdb
+        runs LMDB in ``MDB_NOTLS`` mode, where read transactions are not tied to a thread;
+        each call begins and ends its transaction in the calling thread."""
+        import lmdb
+
+        try:
+            with self.env.begin() as txn:
+                return txn.get(self.keys[i])
+        except lmdb.Error as e:
+            raise DataError(f"{self.record_where(i)}: LMDB read failed: {type(e).__name__}: "
+                            f"{e}") from None
 
     def record_where(self, i: int) -> str:
         return f"{self.path}: record {i} (key '{self.keys[i].decode('utf-8', 'replace')}')"
@@ -431,30 +454,59 @@ class AnnotatedLMDB:
 class AnnotatedReader(BatchReader):
     """AnnotatedData batches: ``data float32 [B, C, H, W]`` and ``label float32 [1, 1, G, 8]``
     (the fork's rows ``[item, label, instance, xmin, ymin, xmax, ymax, difficult]`` of the
-    batch's boxes, then rows of -1 up to the static ``G``). Records in key order, wrapping;
-    batch ``p``'s random numbers come from ``(seed, 5, p)``."""
+    batch's boxes, then rows of -1 up to the static ``G``). Records in key order, wrapping.
+
+    The item at stream position ``q`` is record ``q % count`` transformed with the random
+    numbers of ``default_rng([seed, 5, q])`` (:meth:`item_rng`): it does not depend on the
+    batch it falls in, on the other positions read with it, or on the worker count. Each item
+    is read, decoded and transformed on a decode worker into its own slot; the label rows are
+    built after, in item order."""
 
     shuffled = True  # random host transforms: never a device-resident copy
 
     def __init__(self, layer: ReaderOwner, seed, db: AnnotatedLMDB, transform, num_gt: int,
-                 force_color: bool = False, force_gray: bool = False):
+                 force_color: bool = False, force_gray: bool = False,
+                 workers: int | None = None):
         self.db = db
         self.transform = transform
         self.num_gt = int(num_gt)
         self.force_color, self.force_gray = force_color, force_gray
-        super().__init__(layer, seed, len(db))
+        super().__init__(layer, seed, len(db), workers)
 
     def item(self, i: int) -> Item:
         return parse_annotated(self.db.value(i), self.db.record_where(i), self.force_color,
                                self.force_gray)
 
-    def batch_at(self, position: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, 5, int(position)])
-        data, rows = [], []
-        for k in range(self.batch_size):
-            i = int((position + k) % self.count)
-            x, item = self.transform(rng, self.item(i))
-            data.append(x)
+    def item_rng(self, position: int) -> np.random.Generator:
+        """The generator of the item at stream ``position``: ``default_rng([seed, 5, q])``."""
+        return np.random.default_rng([self.seed, 5, int(position)])
+
+    def transformed(self, position: int) -> tuple[np.ndarray, Item]:
+        """The item at stream ``position``: ``float32 [C, H, W]`` and its boxes."""
+        return self.transform(self.item_rng(position), self.item(int(position % self.count)))
+
+    def read_positions(self, positions) -> dict[str, np.ndarray]:
+        """The items at stream ``positions`` (any, in the order given: a batch, or one
+        process's share of a global batch); ``item`` in the label rows is the index in
+        ``positions``."""
+        self._check_nonempty()
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        n = len(positions)
+        want = self.specs[self.tops[0]][0]
+        data = np.empty((n, *want), np.float32)
+        items: list[Item | None] = [None] * n
+        shapes: list[tuple | None] = [None] * n  # an item whose image is not the top's size
+
+        def one(k: int) -> None:
+            x, items[k] = self.transformed(int(positions[k]))
+            if tuple(x.shape) != tuple(want):
+                shapes[k] = tuple(x.shape)
+            else:
+                data[k] = x
+
+        self.pool.run(one, n)
+        rows = []
+        for k, item in enumerate(items):
             for b, lab, inst, diff in zip(item.boxes, item.labels, item.instances,
                                           item.difficult):
                 rows.append([k, lab, inst, *b, float(diff)])
@@ -464,15 +516,15 @@ class AnnotatedReader(BatchReader):
         label = np.full((1, 1, self.num_gt, 8), -1, np.float32)
         if rows:
             label[0, 0, :len(rows)] = np.asarray(rows, np.float32)
-        x = np.stack(data)
-        want = self.specs[self.tops[0]][0]
-        if tuple(x.shape[1:]) != tuple(want):
+        bad = next((s for s in shapes if s is not None), None)
+        if bad is not None:
             raise DataError(f"layer '{self.layer.name}': transformed images are "
-                            f"{list(x.shape[1:])}, the top is {list(want)} (give resize_param "
+                            f"{list(bad)}, the top is {list(want)} (give resize_param "
                             f"or crop_size so every image has the same size)")
-        out = {self.tops[0]: x.astype(np.float32)}
+        out = {self.tops[0]: data}
         if len(self.tops) > 1:
             out[self.tops[1]] = label
+        self.records_read += n
         return out
 
     def load_all(self):
@@ -480,6 +532,7 @@ class AnnotatedReader(BatchReader):
                         f"has no fixed records to load whole")
 
     def close(self) -> None:
+        super().close()  # the batch read ahead first: it reads the database
         self.db.close()
 
 
