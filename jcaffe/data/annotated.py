@@ -524,7 +524,7 @@ class AnnotatedReader(BatchReader):
         out = {self.tops[0]: data}
         if len(self.tops) > 1:
             out[self.tops[1]] = label
-        self.records_read += n
+        self.count_read(n)
         return out
 
     def load_all(self):
