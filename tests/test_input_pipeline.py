@@ -498,3 +498,44 @@ def test_decode_pool_runs_every_record_once_and_raises_the_first_failure_in_reco
 
     with pytest.raises(DataError, match="record 1 is bad"):
         DecodePool(2).run(failing, 8)
+
+
+def test_batch_arrays_are_reused_only_when_nothing_else_holds_them():
+    """A batch array comes back for the next batch only once every holder let it go (a batch
+    dict, a view of it, an array put on the device from it); a free array of another shape
+    is dropped, not kept; no more than ``keep`` are kept."""
+    import gc
+
+    import jax
+
+    from jcaffe.data.workers import BatchArrays
+
+    arrays = BatchArrays(keep=2)
+    shape = (4, 3)
+    a = arrays.empty(shape, np.uint8)
+    first = id(a)
+    held = {"data": a[1:]}  # a batch dict holding a view of it
+    del a
+    b = arrays.empty(shape, np.uint8)
+    assert id(b) != first
+    del held
+    gc.collect()
+    c = arrays.empty(shape, np.uint8)
+    assert id(c) == first  # free again: reused
+    assert c.ctypes.data % 64 == 0  # aligned: a CPU device uses it in place
+    c[...] = 7
+    on_device = jax.device_put(c)
+    del c
+    d = arrays.empty(shape, np.uint8)  # the first is held by the device array, b by us
+    assert id(d) != first and d is not b
+    d[...] = 9
+    np.testing.assert_array_equal(np.asarray(on_device), np.full(shape, 7, np.uint8))
+    assert len(arrays._arrays) == 2  # keep=2: d was made but not kept
+    del on_device, d
+    gc.collect()
+    e = arrays.empty(shape, np.uint8)
+    assert id(e) == first
+    del b, e
+    other = arrays.empty((5,), np.float32)
+    assert other.shape == (5,) and other.dtype == np.float32
+    assert [x.shape for x, _ in arrays._arrays] == [(5,)]  # the free (4, 3) arrays dropped

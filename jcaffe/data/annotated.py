@@ -493,7 +493,7 @@ class AnnotatedReader(BatchReader):
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         n = len(positions)
         want = self.specs[self.tops[0]][0]
-        data = np.empty((n, *want), np.float32)
+        data = self.pool.empty((n, *want), np.float32)
         items: list[Item | None] = [None] * n
         shapes: list[tuple | None] = [None] * n  # an item whose image is not the top's size
 

@@ -546,7 +546,7 @@ class ImageReader(PermutedReader):
 
     def _gather(self, records):
         # Each image is read and decoded on a worker, into its own slot.
-        data = np.empty((len(records),) + tuple(self.images.image_shape), np.uint8)
+        data = self.pool.empty((len(records),) + tuple(self.images.image_shape), np.uint8)
         labels = np.asarray([self.images.label(int(i)) for i in records], np.int32)
 
         def one(k: int) -> None:

@@ -91,7 +91,8 @@ class _DatumSource(Source):
 
     def _decode_into(self, indices, items, pool) -> tuple[np.ndarray, np.ndarray]:
         n = len(items)
-        data = np.empty((n, *self.datum_shape), dtype=self.dtype)
+        shape = (n, *self.datum_shape)
+        data = np.empty(shape, self.dtype) if pool is None else pool.empty(shape, self.dtype)
         labels = np.empty((n,), dtype=np.int32)
 
         def one(i: int) -> None:

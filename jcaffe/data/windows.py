@@ -414,7 +414,7 @@ class WindowReader(BatchReader):
 
     def _render_all(self, picks: list[WindowSample]) -> dict[str, np.ndarray]:
         # Each window is decoded (unless cached) and warped on a worker, into its own slot.
-        data = np.empty((len(picks), CHANNELS, self.crop, self.crop), np.float32)
+        data = self.pool.empty((len(picks), CHANNELS, self.crop, self.crop), np.float32)
 
         def one(k: int) -> None:
             data[k] = self.render(picks[k])
