@@ -177,7 +177,11 @@ def test_command(argv) -> int:
     net, params, feed, device = _net_and_feed(args, args.phase or "TEST")
     if not args.weights:
         _log.warning("no --weights given: testing freshly initialised parameters")
-    fn = jax.jit(lambda p, b: net.loss(p, b, train=False, frozen=False))
+    # Random transforms at TEST (Caffe's mirror: true mirrors in either phase) draw from a
+    # fixed key, one per batch: a score is reproducible.
+    key = jax.random.key(0)
+    fn = jax.jit(lambda p, b, i: net.loss(p, b, train=False, frozen=False,
+                                          key=jax.random.fold_in(key, i)))
     totals: dict[str, np.ndarray] = {}
     loss_sum = 0.0
     # SSD test nets: a DetectionEvaluate output is scored as the fork's solver does (mAP).
@@ -185,7 +189,7 @@ def test_command(argv) -> int:
              if t in net.output_names}
     for i in range(args.iterations):
         batch = feed.host_batch(i) if feed else _synthetic_inputs(net, np.random.default_rng(i))
-        loss, (blobs, _) = fn(params, batch)
+        loss, (blobs, _) = fn(params, batch, i)
         loss_sum += float(loss)
         k = 0
         for name in net.output_names:

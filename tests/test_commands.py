@@ -66,6 +66,25 @@ def test_finetune_weights_and_score(work, capfd):
     assert f"Finetuning from {model}" in err
 
 
+def test_test_command_scores_a_net_that_mirrors_at_test(work, capfd):
+    """mirror: true mirrors at random in TEST too (Caffe's DataTransformer ignores the phase):
+    `test` draws those flips from a key rather than failing. With every InnerProduct weight
+    equal the logits are equal whatever the flips, so each batch's loss is ln 3."""
+    net = work / "mirror.prototxt"
+    net.write_text(f"""
+name: "mirror"
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+        transform_param {{ mirror: true scale: 0.00390625 }}
+        data_param {{ source: "{work / 'test'}" batch_size: 20 }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param {{ num_output: 3 weight_filler {{ type: "constant" value: 0.01 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+""")
+    rc, _, err = run_cli(["test", f"--model={net}", "--iterations=2"], capfd)
+    assert rc == 0, err
+    assert "Loss: 1.09861" in err, err  # ln 3 = 1.098612
+
+
 def test_weights_and_snapshot_together_is_an_error(work, capfd):
     rc, _, err = run_cli(["train", f"--solver={work / 'solver.prototxt'}", "--weights=a",
                           "--snapshot=b"], capfd)
