@@ -435,3 +435,76 @@ def test_sample_constraint_follows_the_forks_found_logic():
     assert satisfies(s, [b], c(min_jaccard_overlap=.2, min_object_coverage=.5))
     # Jaccard fails first: the object coverage is never looked at.
     assert not satisfies(s, [b], c(min_jaccard_overlap=.5, max_object_coverage=.5))
+
+
+def _sample_boxes_loop(rng, objects, samplers):
+    """The fork's GenerateBatchSamples trial by trial (its loop, as jcaffe wrote it before
+    drawing a sampler's trials together): four uniforms per trial, stop at max_sample."""
+    from jcaffe.data.annotated import satisfies
+
+    out = []
+    for bs in samplers:
+        if not bs.use_original_image:
+            continue
+        s = bs.sampler
+        found = 0
+        for _ in range(bs.max_trials):
+            if bs.HasField("max_sample") and found >= bs.max_sample:
+                break
+            f = np.float32
+            scale = f(rng.uniform(s.min_scale, s.max_scale))
+            ar = f(rng.uniform(s.min_aspect_ratio, s.max_aspect_ratio))
+            ar = min(max(ar, f(scale ** 2)), f(1 / scale ** 2))
+            w, h = f(scale * np.sqrt(ar)), f(scale / np.sqrt(ar))
+            x0, y0 = rng.uniform(0, max(f(0), f(1) - w)), rng.uniform(0, max(f(0), f(1) - h))
+            box = np.asarray([x0, y0, x0 + w, y0 + h], np.float32)
+            if satisfies(box, objects, bs.sample_constraint):
+                found += 1
+                out.append(box)
+    return out
+
+
+def test_sample_boxes_are_the_trial_loops_boxes_and_leave_the_generator_where_it_would():
+    """SSD300's seven batch samplers (and max_sample 0 / unset, no objects, an object at the
+    border), over many generators: the trials drawn as arrays give the trial-by-trial loop's
+    boxes bit for bit, and the generator ends in the loop's state (the numbers drawn after,
+    the crop and the mirror, are the loop's too)."""
+    from google.protobuf import text_format
+
+    from jcaffe.data.annotated import satisfied, satisfies, sample_boxes
+
+    text = "".join(
+        f"batch_sampler {{ sampler {{ min_scale: 0.3 max_scale: 1.0 min_aspect_ratio: 0.5 "
+        f"max_aspect_ratio: 2.0 }} sample_constraint {{ {c} }} max_sample: 1 "
+        f"max_trials: 50 }} "
+        for c in ("min_jaccard_overlap: 0.1", "min_jaccard_overlap: 0.3",
+                  "min_jaccard_overlap: 0.5", "min_jaccard_overlap: 0.7",
+                  "min_jaccard_overlap: 0.9", "max_jaccard_overlap: 1.0"))
+    text = ("batch_sampler { max_sample: 1 max_trials: 1 } " + text +
+            "batch_sampler { sampler { min_scale: 0.1 max_scale: 1 } sample_constraint { "
+            "min_sample_coverage: 0.5 max_object_coverage: 0.9 } max_trials: 20 } "
+            "batch_sampler { sampler { min_scale: 0.5 } max_sample: 0 max_trials: 5 } "
+            "batch_sampler { sampler { min_scale: 0.5 } sample_constraint { "
+            "min_object_coverage: 0.2 } max_sample: 3 max_trials: 30 }")
+    samplers = list(text_format.Parse(text, ssd_pb2.AnnotatedDataParameter()).batch_sampler)
+    pick = np.random.default_rng(9)
+    for trial in range(60):
+        n = int(pick.integers(0, 4))
+        lo = pick.uniform(0, 0.7, (n, 2))
+        objects = [np.asarray([*xy, *(xy + pick.uniform(0.05, 0.6, 2))], np.float32).clip(0, 1)
+                   for xy in lo]
+        if trial % 7 == 0:
+            objects.append(np.asarray([0, 0, 1, 1], np.float32))
+        a, b = np.random.default_rng(trial), np.random.default_rng(trial)
+        got, want = sample_boxes(a, objects, samplers), _sample_boxes_loop(b, objects, samplers)
+        assert len(got) == len(want)
+        for x, y in zip(got, want):
+            assert x.dtype == np.float32 and x.tobytes() == y.tobytes()
+        assert a.random() == b.random()
+        # The constraint over many samples at once is the scalar one, sample by sample.
+        boxes = np.sort(pick.uniform(0, 1, (40, 2, 2)), axis=1).transpose(0, 2, 1)
+        boxes = boxes.reshape(40, 4)[:, [0, 2, 1, 3]].astype(np.float32)
+        for bs in samplers:
+            c = bs.sample_constraint
+            assert satisfied(boxes, np.asarray(objects, np.float32).reshape(-1, 4), c).tolist() \
+                == [satisfies(x, objects, c) for x in boxes]

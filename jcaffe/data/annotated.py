@@ -133,31 +133,104 @@ def satisfies(sample, objects, c) -> bool:
     return found
 
 
+def _sizes(b: np.ndarray) -> np.ndarray:
+    """``_size`` over boxes ``[..., 4]`` float32: the float32 product as a double, 0 when
+    the box is inverted."""
+    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    return np.where((w < 0) | (h < 0), 0.0, (w * h).astype(np.float64))
+
+
+def _intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``_intersect`` over broadcast boxes ``a [..., 4]`` and ``b [..., 4]``."""
+    apart = (b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) | \
+        (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1])
+    inside = np.concatenate([np.maximum(a[..., :2], b[..., :2]),
+                             np.minimum(a[..., 2:], b[..., 2:])], axis=-1)
+    return np.where(apart[..., None], np.float32(0), inside).astype(np.float32)
+
+
+def _measure(name: str, samples: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """One of ``_MEASURES`` for every (sample, object) pair: ``[T, O]`` doubles, each equal
+    to the scalar measure's (the same float32 / double steps in the same order)."""
+    a, b = samples[:, None, :], objects[None, :, :]
+    if name == "object_coverage":
+        a, b = b, a
+    inter = _intersections(a, b)
+    if name == "jaccard_overlap":
+        iw, ih = inter[..., 2] - inter[..., 0], inter[..., 3] - inter[..., 1]
+        area = (iw * ih).astype(np.float64)
+        overlap = (iw > 0) & (ih > 0)
+        union = _sizes(a) + _sizes(b) - area
+        return np.where(overlap, area / np.where(overlap, union, 1.0), 0.0)
+    area = _sizes(inter)
+    return np.where(area > 0, area / np.where(area > 0, _sizes(a), 1.0), 0.0)
+
+
+def satisfied(samples: np.ndarray, objects: np.ndarray, c) -> np.ndarray:
+    """:func:`satisfies` for each of ``samples [T, 4]`` (bool ``[T]``). Its ``found`` logic
+    reduces to the first bounded measure: an object passing it sets ``found`` (and an object
+    passing all of them passes it), one failing it is skipped before any other is looked at;
+    so a sample satisfies when some object passes the first bounded measure."""
+    active = [name for name, _ in _MEASURES
+              if c.HasField("min_" + name) or c.HasField("max_" + name)]
+    if not active:
+        return np.ones(len(samples), bool)
+    if not len(objects):
+        return np.zeros(len(samples), bool)
+    name = active[0]
+    v = _measure(name, samples, np.asarray(objects, np.float32).reshape(-1, 4))
+    ok = np.ones(v.shape, bool)
+    if c.HasField("min_" + name):
+        ok &= ~(v < getattr(c, "min_" + name))
+    if c.HasField("max_" + name):
+        ok &= ~(v > getattr(c, "max_" + name))
+    return ok.any(axis=1)
+
+
 def sample_boxes(rng, objects, samplers) -> list[np.ndarray]:
     """The fork's GenerateBatchSamples: for each batch_sampler (``use_original_image``), up to
     ``max_trials`` boxes of scale in [min_scale, max_scale] and aspect ratio in
     [min_aspect_ratio, max_aspect_ratio] (clamped to [scale^2, 1/scale^2]) at a uniform
-    offset, kept when they meet ``sample_constraint``, at most ``max_sample`` of them."""
+    offset, kept when they meet ``sample_constraint``, at most ``max_sample`` of them.
+
+    A sampler's trials are drawn and judged together, as arrays: trial t takes the next four
+    uniforms of ``rng`` (scale, aspect ratio, x and y offset), as a trial-by-trial loop would,
+    and ``rng`` is left where that loop would stop (after the trial that found the
+    ``max_sample``-th box, else after the last), so every box, and every number drawn after,
+    is the loop's."""
+    objects = np.asarray(objects, np.float32).reshape(-1, 4)
     out = []
+    f = np.float32
     for bs in samplers:
         if not bs.use_original_image:
             continue
-        s = bs.sampler
-        found = 0
-        for _ in range(bs.max_trials):
-            if bs.HasField("max_sample") and found >= bs.max_sample:
-                break
-            f = np.float32
-            scale = f(rng.uniform(s.min_scale, s.max_scale))
-            ar = f(rng.uniform(s.min_aspect_ratio, s.max_aspect_ratio))
-            ar = min(max(ar, f(scale ** 2)), f(1 / scale ** 2))
-            w, h = f(scale * np.sqrt(ar)), f(scale / np.sqrt(ar))
-            # float32 rounding can put a full-size box a hair past 1: offset 0 then.
-            x0, y0 = rng.uniform(0, max(f(0), f(1) - w)), rng.uniform(0, max(f(0), f(1) - h))
-            box = np.asarray([x0, y0, x0 + w, y0 + h], np.float32)
-            if satisfies(box, objects, bs.sample_constraint):
-                found += 1
-                out.append(box)
+        s, trials = bs.sampler, int(bs.max_trials)
+        if trials <= 0:
+            continue
+        state = rng.bit_generator.state
+        u = rng.random((trials, 4))
+        # rng.uniform(lo, hi) is lo + (hi - lo) * u in doubles; then the fork's float32 steps.
+        scale = (s.min_scale + (s.max_scale - s.min_scale) * u[:, 0]).astype(f)
+        ar = (s.min_aspect_ratio + (s.max_aspect_ratio - s.min_aspect_ratio)
+              * u[:, 1]).astype(f)
+        sq = scale ** 2
+        ar = np.minimum(np.maximum(ar, sq), f(1) / sq)
+        w, h = scale * np.sqrt(ar), scale / np.sqrt(ar)
+        # float32 rounding can put a full-size box a hair past 1: offset 0 then.
+        x0 = (np.maximum(f(0), f(1) - w).astype(np.float64) * u[:, 2]).astype(f)
+        y0 = (np.maximum(f(0), f(1) - h).astype(np.float64) * u[:, 3]).astype(f)
+        boxes = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+        ok = satisfied(boxes, objects, bs.sample_constraint)
+        used = trials
+        if bs.HasField("max_sample"):
+            # Trial t runs while fewer than max_sample boxes were found before it.
+            before = np.concatenate([[0], np.cumsum(ok)])
+            full = np.flatnonzero(before >= bs.max_sample)
+            used = min(trials, int(full[0])) if len(full) else trials
+            if used < trials:
+                rng.bit_generator.state = state
+                rng.random(4 * used)
+        out.extend(boxes[:used][ok[:used]])
     return out
 
 
