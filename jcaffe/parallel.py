@@ -170,6 +170,41 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def core_key() -> list[int]:
+    """This process's host and the cores it may run on, as two int31s (a SHA-256 of both:
+    stable across processes, unlike ``hash``)."""
+    import hashlib
+    import os
+    import socket
+
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = list(range(os.cpu_count() or 1))
+    digest = hashlib.sha256(f"{socket.gethostname()}|{cores}".encode()).digest()
+    return [int.from_bytes(digest[:4], "little") >> 1, int.from_bytes(digest[4:8], "little") >> 1]
+
+
+def sharing_cores(keys, mine) -> int:
+    """How many of the processes' ``keys`` (``core_key`` of each) equal ``mine``: the
+    processes on this host that run on the same cores as this one (this one included)."""
+    mine = [int(v) for v in mine]
+    return max(1, sum(1 for k in keys if [int(v) for v in k] == mine))
+
+
+def processes_sharing_cores() -> int:
+    """The processes of this run on this host with this process's cores (1 when alone):
+    two processes started on one host without CPU binding share every core; processes that a
+    launcher bound to their own cores (SLURM's ``--cpu-bind``, ``taskset``) do not count."""
+    if jax.process_count() == 1:
+        return 1
+    from jax.experimental import multihost_utils
+
+    mine = core_key()
+    keys = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32)))
+    return sharing_cores(keys.reshape(-1, 2), mine)
+
+
 def initialize(coordinator_address: str | None, num_processes: int | None,
                process_id: int | None, *, timeout_s: int = 120,
                heartbeat_timeout_s: int = 30) -> None:

@@ -108,6 +108,7 @@ class SolverInit:
             raise SolverError(f"process {jax.process_index()} owns none of the devices")
         self.root_device = local[0]
         self.config = (config or Config()).resolved(self.devices[0].platform)
+        self._share_decode_cores(verbose)
         if verbose:
             _log.info("Using %s", ", ".join(str(d) for d in self.devices) if self.ranks < 9
                       else f"{self.ranks} {self.devices[0].platform} devices")
@@ -137,6 +138,24 @@ class SolverInit:
                       "over devices (layer_wise_reduce: XLA schedules the all-reduce)",
                       self.ranks, [l.batch_size for l in self.net.data_layers
                                    if hasattr(l, "batch_size")] or "?")
+
+    def _share_decode_cores(self, verbose: bool) -> None:
+        """Decode workers by default: the cores available, divided among the run's processes
+        that share them on this host (two processes on one host would each start one per
+        core); ``decode_workers`` set explicitly is kept."""
+        if self.config.decode_workers or jax.process_count() == 1:
+            return
+        from jcaffe.data.workers import available_cores
+
+        sharers = parallel.processes_sharing_cores()
+        if sharers > 1:
+            cores = available_cores()
+            workers = max(1, cores // sharers)
+            self.config = self.config.replace(decode_workers=workers)
+            if verbose:
+                _log.info("Decode workers: %d per process (%d cores shared by %d processes of "
+                          "this run on this host; --decode_workers sets it)", workers, cores,
+                          sharers)
 
     def _init_nets(self) -> None:
         (train_param, train_state, train_file), tests = solver_nets(self.sp)

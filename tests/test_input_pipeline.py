@@ -301,14 +301,15 @@ def test_two_processes_each_read_half_and_train_as_one(tmp_path, on_device):
                    JCAFFE_DATA_ON_DEVICE=on_device if name == "multi" else "0")
         return subprocess.Popen(
             [sys.executable, "-c", COUNTING, str(out), "train", "--solver", str(solvers[name]),
-             "--cpu", "--devices", "all", "--decode_workers", "2", *extra],
+             "--cpu", "--devices", "all", *extra],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     multi = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
              "--heartbeat_timeout", "20"]
+    # The two processes share this host's cores: by default each decodes on its half.
     procs = [start("multi", 1, [*multi, "--process_id", str(p)], tmp_path / f"p{p}.json")
              for p in range(2)]
-    procs.append(start("single", 2, [], tmp_path / "single.json"))
+    procs.append(start("single", 2, ["--decode_workers", "2"], tmp_path / "single.json"))
     try:
         errs = []
         for p in procs:
@@ -332,6 +333,9 @@ def test_two_processes_each_read_half_and_train_as_one(tmp_path, on_device):
         assert len(seen[p]) >= 4 * 4
     if on_device == "1":
         assert "dataset split over 2 devices, 1/2 on each" in errs[0]
+    cores = available_cores()
+    assert (f"Decode workers: {max(1, cores // 2)} per process ({cores} cores shared by 2 "
+            f"processes of this run on this host" in errs[0]), errs[0][-3000:]
     whole = json.loads((tmp_path / "single.json").read_text())
     assert sorted(whole) == list(range(len(whole))) and len(whole) >= 4 * 8
 
@@ -539,3 +543,16 @@ def test_batch_arrays_are_reused_only_when_nothing_else_holds_them():
     other = arrays.empty((5,), np.float32)
     assert other.shape == (5,) and other.dtype == np.float32
     assert [x.shape for x, _ in arrays._arrays] == [(5,)]  # the free (4, 3) arrays dropped
+
+
+def test_processes_on_the_same_cores_share_them():
+    """The default worker count of a multi-process run divides the cores among the processes
+    started on the same host and cores (same key), not those elsewhere or bound to others."""
+    from jcaffe.parallel import core_key, sharing_cores
+
+    mine = core_key()
+    assert len(mine) == 2 and all(0 <= v < 2**31 for v in mine)
+    assert core_key() == mine  # stable
+    other = [mine[0] ^ 1, mine[1]]
+    assert sharing_cores([mine, mine, other], mine) == 2
+    assert sharing_cores([other], mine) == 1
