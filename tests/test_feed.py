@@ -346,3 +346,28 @@ def test_split_layout_checks_each_devices_labels_and_names_the_record(tmp_path):
     mesh = parallel.make_mesh(jax.devices("cpu")[:2])
     with pytest.raises(DataError, match=r"record 5: label 200 is out of range"):
         NetFeed(net, parallel.replicated(mesh), True, [0], ranks=2)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_host_fed_global_batch_is_read_in_device_blocks(tmp_path, n):
+    """Host-fed on N devices of one process: global batch b holds device r's records
+    (c0 + r + N·(B·b + i)) mod C in block r, read straight into one array in that order
+    (12 records, batch 5 per device, a rand_skip start, several passes)."""
+    from jcaffe import parallel
+    from jcaffe.data.netfeed import NetFeed
+
+    count, batch, batches = 12, 5, 6
+    net = counting_net(tmp_path, count, batch, "rand_skip: 11")
+    with net.data_layers[0].make_reader(seed=4) as reader:
+        c0 = int(reader.next_batch()["label"][0])
+    mesh = parallel.make_mesh(jax.devices("cpu")[:n])
+    feed = NetFeed(net, parallel.replicated(mesh), False, [4], ranks=n)
+    try:
+        assert not feed.on_device and feed.host_blocks == n
+        got = np.stack([feed.chunk(b, 1, 1)["label"][0].reshape(n, batch)
+                        for b in range(batches)])
+        np.testing.assert_array_equal(got, hand_records(c0, n, count, batch, batches))
+        np.testing.assert_array_equal(feed.chunk(2, 1, 1)["data"][0].reshape(-1),
+                                      hand_records(c0, n, count, batch, 3)[2].reshape(-1))
+    finally:
+        feed.close()

@@ -80,14 +80,17 @@ class NetFeed:
             [int(r) for r in (local if local is not None else local_ranks(placement))]
         # Python data layers make whole batches in their own order: no share can be read
         # alone, so a net with one reads every record (and keeps its devices' share).
-        self.sharded = len(self.local) < self.ranks and \
-            not any(layer.type == "Python" for layer in net.data_layers)
+        python = any(layer.type == "Python" for layer in net.data_layers)
+        self.sharded = len(self.local) < self.ranks and not python
         if not self.sharded:
             self.local = list(range(self.ranks))
         # Host-side batches hold this many device blocks (all N, or this process's).
         self.host_blocks = len(self.local)
+        # On several devices a reader reads the global batch's device blocks straight into
+        # one array, in block order (ShardReader), rather than N batches interleaved after.
+        self.blocked = self.ranks > 1 and not python
         shard = (lambda reader: ShardReader(reader, self.ranks, self.local)) \
-            if self.sharded else None
+            if self.blocked else None
 
         def make(choice):
             return [feed_mod.choose_feeder(layer, on_device=choice, device=placement,
@@ -155,7 +158,7 @@ class NetFeed:
     def host_batch(self, batch_index: int) -> dict:
         """The global batch ``batch_index``: N·B records per layer (device r's in block r);
         when sharded, this process's blocks only (device ``local[i]``'s in block i)."""
-        if self.sharded:
+        if self.blocked:
             return self._local_batch(batch_index)
         out = {}
         for i, (f, start) in enumerate(zip(self.feeders, self._start)):
@@ -230,6 +233,8 @@ class NetFeed:
 def _stack(batches: list[dict]) -> dict:
     first = batches[0]
     if all(isinstance(v, np.ndarray) for v in first.values()):
+        if len(batches) == 1:  # a view: the reader's array goes on to the devices uncopied
+            return {k: v[None] for k, v in first.items()}
         return {k: np.stack([b[k] for b in batches]) for k in first}
     return {k: jnp.stack([b[k] for b in batches]) for k in first}
 
