@@ -20,11 +20,15 @@ with an ``ImageData`` list. Then, in one run:
    Each row alternates ``--rounds`` windows of the decoder alone and of the pipeline, and
    takes each round's ratio of its two windows (the median is the row's): a shared machine's
    speed drifts within minutes, two windows a second apart see the same machine;
-3. **two processes**: two processes on this host, each owning one of 2 devices, read the
+3. **one process, N devices** (``--devices``, 4 virtual CPU devices): the host side of a
+   data-parallel run's global batches (``NetFeed.chunk``: each device's records read and
+   decoded in device blocks into one array; ``parallel.put_sharded``), records/s and CPU per
+   record against the decoder's rate;
+4. **two processes**: two processes on this host, each owning one of 2 devices, read the
    same LMDB as a 2-device run does (``jcaffe.data.readers.ShardReader``, what a multi-process
    run uses), with half the cores each: how many records each decodes (target: half of those
    the run consumes) and their combined rate;
-4. **starvation**: the train step of ``--net`` (default: AlexNet's first stage, conv1 + relu +
+5. **starvation**: the train step of ``--net`` (default: AlexNet's first stage, conv1 + relu +
    pool + a classifier, on the 227² crops) fed by the real pipeline (W = all cores), against
    the same step on a device-resident synthetic batch of the same shape. ``starved`` when the
    fed step is more than 10 % slower than the synthetic one; on a CPU device, than the
@@ -280,6 +284,52 @@ def two_processes(lmdb_path: str, root: str, batch: int, crop: int, workers: int
                 p.kill()
 
 
+def devices_child(lmdb_path: str, batch: int, crop: int, workers: int, devices: int,
+                  batches: int) -> dict:
+    """One process with ``devices`` (virtual CPU) devices: records/s of the host side of a
+    data-parallel run's global batches (``NetFeed.chunk``: read, decode, assemble in device
+    blocks; ``parallel.put_sharded``: on the devices), and CPU ms per record."""
+    import jax
+    from google.protobuf import text_format
+
+    from jcaffe import parallel
+    from jcaffe.config import Config
+    from jcaffe.data.netfeed import NetFeed
+    from jcaffe.net import Net
+    from jcaffe.proto import caffe_pb2
+
+    text = DEFAULT_NET.format(crop=crop, source=lmdb_path, batch=batch)
+    net = Net(text_format.Parse(text, caffe_pb2.NetParameter()), "TRAIN",
+              config=Config(decode_workers=workers), verbose=False)
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    feed = NetFeed(net, parallel.replicated(mesh), False, [0], ranks=devices)
+    try:
+        for b in range(2):
+            jax.block_until_ready(parallel.put_sharded(feed.chunk(b, 1, 1), mesh, 1))
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        for b in range(2, 2 + batches):
+            jax.block_until_ready(parallel.put_sharded(feed.chunk(b, 1, 1), mesh, 1))
+        records = batches * devices * batch
+        return {"devices": devices, "records_per_s": records / (time.perf_counter() - t0),
+                "cpu_ms_per_record": (cpu_seconds() - c0) / records * 1e3}
+    finally:
+        feed.close()
+
+
+def devices_run(lmdb_path: str, batch: int, crop: int, workers: int, devices: int,
+                batches: int) -> dict:
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child_devices",
+                        json.dumps([lmdb_path, batch, crop, workers, devices, batches])],
+                       env=env, stdout=subprocess.PIPE, text=True, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"the {devices}-device child failed (exit {p.returncode})")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def step_times(net_text: str, workers: int, steps: int) -> dict:
     """Seconds per train step (forward, backward, SGD update) fed by the real pipeline, and
     on one device-resident synthetic batch of the same shape."""
@@ -364,12 +414,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no_processes", action="store_true", help="skip the two-process run")
     ap.add_argument("--process_batches", type=int, default=32,
                     help="global batches each of the two processes times (32)")
+    ap.add_argument("--devices", type=int, default=4, help="devices of the one-process "
+                    "data-parallel measurement (4 virtual CPU devices; 0 skips it)")
     ap.add_argument("--child_shard", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--child_devices", default="", help=argparse.SUPPRESS)
     ap.add_argument("--data", default="", help="keep the generated data here (reused)")
     ap.add_argument("--json", default="", help="write the results to this file")
     args = ap.parse_args(argv)
     if args.child_shard:
         print(json.dumps(shard_child(*json.loads(args.child_shard))))
+        return 0
+    if args.child_devices:
+        print(json.dumps(devices_child(*json.loads(args.child_devices))))
         return 0
     workers = [int(w) for w in args.workers.split(",") if w] or list(range(1, cores + 1))
 
@@ -425,6 +481,19 @@ def main(argv=None) -> int:
             print(f"two processes together: {together:.0f} records/s, "
                   f"{together / (2 * half * dec):.2f} x {2 * half} x the decoder's 1-thread "
                   f"rate ({dec:.0f}/s, measured just before and after)", flush=True)
+        if args.devices > 1:
+            before = decoder_rate(jpegs, args.seconds)
+            dv = devices_run(lmdb_path, args.batch, args.crop, cores, args.devices,
+                             args.process_batches // 2)
+            dec = (before + decoder_rate(jpegs, args.seconds)) / 2
+            dv["decoder_per_s"] = dec
+            result["devices_one_process"] = dv
+            print(f"one process, {args.devices} devices ({cores} workers): global batches of "
+                  f"{args.devices} x {args.batch} assembled and put on the devices at "
+                  f"{dv['records_per_s']:.0f} records/s, "
+                  f"{dv['records_per_s'] / (cores * dec):.2f} x {cores} x the decoder's "
+                  f"1-thread rate ({dec:.0f}/s), {dv['cpu_ms_per_record']:.2f} CPU ms / record",
+                  flush=True)
         if not args.no_step:
             if args.net:
                 from jcaffe import prototxt
