@@ -415,33 +415,69 @@ def test_jcaffe_test_prints_detection_eval(trained, capfd):
     assert 0.5 < float(found[0]) <= 1, found
 
 
+def _satisfies_loop(sample, objects, c) -> bool:
+    """The fork's SatisfySampleConstraint, its loop transcribed: per object, each bounded
+    measure in order; the first that fails moves on to the next object (``continue``), each
+    that passes sets ``found``; ``found`` is returned after an object's tests, or at the end."""
+    from jcaffe.data.annotated import coverage, jaccard
+
+    measures = (("jaccard_overlap", lambda s, o: jaccard(s, o)),
+                ("sample_coverage", lambda s, o: coverage(s, o)),
+                ("object_coverage", lambda s, o: coverage(o, s)))
+    active = [(name, m) for name, m in measures
+              if c.HasField("min_" + name) or c.HasField("max_" + name)]
+    if not active:
+        return True
+    found = False
+    for obj in objects:
+        skipped = False
+        for name, measure in active:
+            v = measure(sample, obj)
+            if (c.HasField("min_" + name) and v < getattr(c, "min_" + name)) or \
+                    (c.HasField("max_" + name) and v > getattr(c, "max_" + name)):
+                skipped = True  # the fork's `continue`: on to the next object
+                break
+            found = True
+        if not skipped and found:
+            return True
+    return found
+
+
 def test_sample_constraint_follows_the_forks_found_logic():
     """SatisfySampleConstraint by hand: sample S = [0, 0, .5, .5] and object B = [0, 0, 1, 1]
     have jaccard .25, sample coverage 1 and object coverage .25. A measure that fails moves on
-    to the next object, but an earlier measure's pass still counts (the fork's ``found``)."""
-    from jcaffe.data.annotated import satisfies
+    to the next object, but an earlier measure's pass still counts (the fork's ``found``).
+    The library's constraint over arrays and the fork's loop both give the hand answers."""
+    from jcaffe.data.annotated import satisfied
 
     s, b = [0, 0, .5, .5], [0, 0, 1, 1]
 
     def c(**bounds):
         return ssd_pb2.SampleConstraint(**bounds)
 
-    assert satisfies(s, [b], c())
-    assert satisfies(s, [b], c(min_jaccard_overlap=.2))
-    assert not satisfies(s, [b], c(min_jaccard_overlap=.5))
-    assert not satisfies(s, [b], c(max_sample_coverage=.9))
-    assert satisfies(s, [b, s], c(min_jaccard_overlap=.5))
+    def both(objects, constraint):
+        got = satisfied(np.asarray([s], np.float32), np.asarray(objects, np.float32),
+                        constraint)
+        loop = _satisfies_loop(np.asarray(s, np.float32),
+                               [np.asarray(o, np.float32) for o in objects], constraint)
+        assert got.tolist() == [loop]
+        return loop
+
+    assert both([b], c())
+    assert both([b], c(min_jaccard_overlap=.2))
+    assert not both([b], c(min_jaccard_overlap=.5))
+    assert not both([b], c(max_sample_coverage=.9))
+    assert both([b, s], c(min_jaccard_overlap=.5))
     # Jaccard passes, object coverage (.25) fails: still True, as the fork's loop returns.
-    assert satisfies(s, [b], c(min_jaccard_overlap=.2, min_object_coverage=.5))
+    assert both([b], c(min_jaccard_overlap=.2, min_object_coverage=.5))
     # Jaccard fails first: the object coverage is never looked at.
-    assert not satisfies(s, [b], c(min_jaccard_overlap=.5, max_object_coverage=.5))
+    assert not both([b], c(min_jaccard_overlap=.5, max_object_coverage=.5))
+    assert not both([], c(min_jaccard_overlap=.1)) and both([], c())
 
 
 def _sample_boxes_loop(rng, objects, samplers):
     """The fork's GenerateBatchSamples trial by trial (its loop, as jcaffe wrote it before
     drawing a sampler's trials together): four uniforms per trial, stop at max_sample."""
-    from jcaffe.data.annotated import satisfies
-
     out = []
     for bs in samplers:
         if not bs.use_original_image:
@@ -458,7 +494,7 @@ def _sample_boxes_loop(rng, objects, samplers):
             w, h = f(scale * np.sqrt(ar)), f(scale / np.sqrt(ar))
             x0, y0 = rng.uniform(0, max(f(0), f(1) - w)), rng.uniform(0, max(f(0), f(1) - h))
             box = np.asarray([x0, y0, x0 + w, y0 + h], np.float32)
-            if satisfies(box, objects, bs.sample_constraint):
+            if _satisfies_loop(box, objects, bs.sample_constraint):
                 found += 1
                 out.append(box)
     return out
@@ -471,7 +507,7 @@ def test_sample_boxes_are_the_trial_loops_boxes_and_leave_the_generator_where_it
     the crop and the mirror, are the loop's too)."""
     from google.protobuf import text_format
 
-    from jcaffe.data.annotated import satisfied, satisfies, sample_boxes
+    from jcaffe.data.annotated import satisfied, sample_boxes
 
     text = "".join(
         f"batch_sampler {{ sampler {{ min_scale: 0.3 max_scale: 1.0 min_aspect_ratio: 0.5 "
@@ -507,4 +543,4 @@ def test_sample_boxes_are_the_trial_loops_boxes_and_leave_the_generator_where_it
         for bs in samplers:
             c = bs.sample_constraint
             assert satisfied(boxes, np.asarray(objects, np.float32).reshape(-1, 4), c).tolist() \
-                == [satisfies(x, objects, c) for x in boxes]
+                == [_satisfies_loop(x, objects, c) for x in boxes]

@@ -106,31 +106,9 @@ def meets_emit_constraint(src, b, emit) -> bool:
     return coverage(b, src) > emit.emit_overlap
 
 
-# SampleConstraint's measures, in the fork's order: (bound name, measure of (sample, object)).
-_MEASURES = (("jaccard_overlap", lambda sample, obj: jaccard(sample, obj)),
-             ("sample_coverage", lambda sample, obj: coverage(sample, obj)),
-             ("object_coverage", lambda sample, obj: coverage(obj, sample)))
-
-
-def satisfies(sample, objects, c) -> bool:
-    """The fork's SatisfySampleConstraint, its ``continue`` / ``found`` logic kept: an object
-    passing every bounded measure satisfies; a measure failing moves on to the next object,
-    but an earlier measure's pass still counts (``found``) if no object passes whole."""
-    active = [(name, measure) for name, measure in _MEASURES
-              if c.HasField("min_" + name) or c.HasField("max_" + name)]
-    if not active:
-        return True
-    found = False
-    for obj in objects:
-        for name, measure in active:
-            v = measure(sample, obj)
-            if (c.HasField("min_" + name) and v < getattr(c, "min_" + name)) or \
-                    (c.HasField("max_" + name) and v > getattr(c, "max_" + name)):
-                break
-            found = True
-        else:
-            return True
-    return found
+# SampleConstraint's bounded measures, in the fork's order: (sample, object) -> jaccard,
+# the sample's part inside the object, the object's part inside the sample.
+_MEASURES = ("jaccard_overlap", "sample_coverage", "object_coverage")
 
 
 def _sizes(b: np.ndarray) -> np.ndarray:
@@ -151,7 +129,8 @@ def _intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _measure(name: str, samples: np.ndarray, objects: np.ndarray) -> np.ndarray:
     """One of ``_MEASURES`` for every (sample, object) pair: ``[T, O]`` doubles, each equal
-    to the scalar measure's (the same float32 / double steps in the same order)."""
+    to the scalar :func:`jaccard` / :func:`coverage`'s (the same float32 / double steps in
+    the same order)."""
     a, b = samples[:, None, :], objects[None, :, :]
     if name == "object_coverage":
         a, b = b, a
@@ -167,11 +146,16 @@ def _measure(name: str, samples: np.ndarray, objects: np.ndarray) -> np.ndarray:
 
 
 def satisfied(samples: np.ndarray, objects: np.ndarray, c) -> np.ndarray:
-    """:func:`satisfies` for each of ``samples [T, 4]`` (bool ``[T]``). Its ``found`` logic
-    reduces to the first bounded measure: an object passing it sets ``found`` (and an object
-    passing all of them passes it), one failing it is skipped before any other is looked at;
-    so a sample satisfies when some object passes the first bounded measure."""
-    active = [name for name, _ in _MEASURES
+    """The fork's SatisfySampleConstraint for each of ``samples [T, 4]`` (bool ``[T]``).
+
+    The fork loops over the objects; for each it tests the bounded measures in order,
+    ``continue``-ing to the next object at the first that fails and setting ``found`` at
+    each that passes, and returns ``found`` after an object's tests (or at the end). So an
+    object passing the first bounded measure is enough (a later measure failing for it does
+    not clear ``found``), and one failing it is skipped before any other is looked at: a
+    sample satisfies when some object passes the first bounded measure (always, with none
+    bounded; never, with objects none)."""
+    active = [name for name in _MEASURES
               if c.HasField("min_" + name) or c.HasField("max_" + name)]
     if not active:
         return np.ones(len(samples), bool)
