@@ -273,13 +273,13 @@ sys.exit(rc)
 """
 
 
-@pytest.mark.parametrize("on_device", ["0", "1"], ids=["host-fed", "device-resident"])
-def test_two_processes_each_read_half_and_train_as_one(tmp_path, on_device):
-    """2 processes × 1 device from an encoded LMDB (96 records, batch 4 per device). Host-fed:
-    process p is asked only for records 8k + p + 2i, in order. Device-resident: process p
-    loads once exactly the 48 records p + 2k its device ever reads (Caffe's rule with 2 | 96:
-    device r's records are ≡ r mod 2), and reads nothing more. Both runs end at the weights of
-    one host-fed process with 2 devices, which reads every record."""
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Five `jcaffe train` runs at once on an encoded LMDB (96 records, batch 4 per device):
+    2 processes × 1 device host-fed, 2 processes × 1 device with the dataset on the devices,
+    and one host-fed process with 2 devices, the reference. Returns the folder, each run's
+    stderr and the records each process's source was asked for."""
+    tmp_path = tmp_path_factory.mktemp("two_processes")
     chw = RNG.integers(0, 256, (96, 3, 6, 6), dtype=np.uint8)
     labels = np.arange(96) % 3
     db = tmp_path / "db"
@@ -287,43 +287,58 @@ def test_two_processes_each_read_half_and_train_as_one(tmp_path, on_device):
                                        int(y), (3, 6, 6)) for x, y in zip(chw, labels)])
     net = tmp_path / "net.prototxt"
     net.write_text(NET.format(db=db))
-    solvers = {}
-    for name in ("multi", "single"):
-        solvers[name] = tmp_path / f"{name}.prototxt"
-        solvers[name].write_text(SOLVER.format(net=net, prefix=tmp_path / name / "snap"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
 
-    def start(name, devices, extra, out):
+    def start(name, devices, on_device, extra):
+        solver = tmp_path / f"{name}.prototxt"
+        if not solver.exists():
+            solver.write_text(SOLVER.format(net=net, prefix=tmp_path / name / "snap"))
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   JCAFFE_DATA_ON_DEVICE=on_device if name == "multi" else "0")
-        return subprocess.Popen(
-            [sys.executable, "-c", COUNTING, str(out), "train", "--solver", str(solvers[name]),
+                   JCAFFE_DATA_ON_DEVICE=on_device)
+        out = tmp_path / f"{name}{extra[-1] if extra else ''}.json"
+        return out, subprocess.Popen(
+            [sys.executable, "-c", COUNTING, str(out), "train", "--solver", str(solver),
              "--cpu", "--devices", "all", *extra],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    multi = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
-             "--heartbeat_timeout", "20"]
-    # The two processes share this host's cores: by default each decodes on its half.
-    procs = [start("multi", 1, [*multi, "--process_id", str(p)], tmp_path / f"p{p}.json")
-             for p in range(2)]
-    procs.append(start("single", 2, ["--decode_workers", "2"], tmp_path / "single.json"))
+    runs = {}
+    for name, on_device in (("host-fed", "0"), ("device-resident", "1")):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # The two processes share this host's cores: by default each decodes on its half.
+        runs[name] = [start(name, 1, on_device, [
+            "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+            "--heartbeat_timeout", "20", "--process_id", str(p)]) for p in range(2)]
+    runs["single"] = [start("single", 2, "0", ["--decode_workers", "2"])]
     try:
-        errs = []
-        for p in procs:
-            _, err = p.communicate(timeout=180)
-            assert p.returncode == 0, err[-3000:]
-            errs.append(err)
+        out = {}
+        for name, procs in runs.items():
+            out[name] = []
+            for path, p in procs:
+                _, err = p.communicate(timeout=240)
+                assert p.returncode == 0, err[-3000:]
+                out[name].append((err, json.loads(path.read_text())))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    seen = [json.loads((tmp_path / f"p{p}.json").read_text()) for p in range(2)]
+        for procs in runs.values():
+            for _, p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+    return tmp_path, out
+
+
+@pytest.mark.parametrize("run", ["host-fed", "device-resident"])
+def test_two_processes_each_read_half_and_train_as_one(two_process_runs, run):
+    """2 processes × 1 device. Host-fed: process p is asked only for records 8k + p + 2i.
+    Device-resident: process p loads once exactly the 48 records p + 2k its device ever reads
+    (Caffe's rule with 2 | 96: device r's records are ≡ r mod 2), and reads nothing more. Both
+    end at the weights of one host-fed process with 2 devices, which reads every record."""
+    tmp_path, out = two_process_runs
+    errs = [err for err, _ in out[run]]
+    seen = [records for _, records in out[run]]
     for p in range(2):
-        if on_device == "1":
+        if run == "device-resident":
             assert seen[p] == list(range(p, 96, 2)), seen[p]
             continue
         # Its own records only, each once; at least the 4 iterations' worth (read-ahead and
@@ -331,16 +346,16 @@ def test_two_processes_each_read_half_and_train_as_one(tmp_path, on_device):
         # side, so in any order).
         assert sorted(seen[p]) == list(range(p, 2 * len(seen[p]), 2)), seen[p]
         assert len(seen[p]) >= 4 * 4
-    if on_device == "1":
+    if run == "device-resident":
         assert "dataset split over 2 devices, 1/2 on each" in errs[0]
     cores = available_cores()
     assert (f"Decode workers: {max(1, cores // 2)} per process ({cores} cores shared by 2 "
             f"processes of this run on this host" in errs[0]), errs[0][-3000:]
-    whole = json.loads((tmp_path / "single.json").read_text())
+    whole = out["single"][0][1]
     assert sorted(whole) == list(range(len(whole))) and len(whole) >= 4 * 8
 
     from jcaffe.caffemodel import load_caffemodel
-    a = load_caffemodel(str(tmp_path / "multi" / "snap_iter_4.caffemodel"))
+    a = load_caffemodel(str(tmp_path / run / "snap_iter_4.caffemodel"))
     b = load_caffemodel(str(tmp_path / "single" / "snap_iter_4.caffemodel"))
     for layer in b:
         for x, y in zip(a[layer], b[layer]):
